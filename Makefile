@@ -1,0 +1,46 @@
+# FinStack Tasks: `make run` serves the API, `make test` proves it on SQLite and PostgreSQL.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
+PYTEST_ARGS ?=
+
+.PHONY: help install run test test-sqlite test-postgres db-upgrade db-check clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed  ## Create .venv and install the runtime requirements
+
+run: $(VENV)/.installed  ## Serve the API on http://127.0.0.1:5000 (SQLite unless DATABASE_URL says otherwise)
+	$(BIN)/python app.py
+
+test: test-sqlite test-postgres  ## Run the whole suite on SQLite, then on PostgreSQL
+
+test-sqlite: $(VENV)/.dev-installed  ## Run the suite on SQLite only
+	env -u TEST_DATABASE_URL $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-postgres: $(VENV)/.dev-installed  ## Run the suite on PostgreSQL only (TEST_DATABASE_URL)
+	TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+db-upgrade: $(VENV)/.installed  ## Apply migrations to DATABASE_URL (what production runs before gunicorn)
+	$(BIN)/flask db upgrade
+
+db-check: $(VENV)/.installed  ## Fail if the models and the migrations disagree
+	$(BIN)/flask db check
+
+clean:  ## Remove the virtualenv, caches and the development database
+	rm -rf $(VENV) .pytest_cache instance
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,96 @@
+"""FinStack Tasks: the application factory, and the WSGI ``app`` for ``gunicorn app:app`` and ``flask``."""
+
+import logging
+import os
+import re
+import uuid
+from collections.abc import Mapping
+
+from dotenv import load_dotenv
+from flask import Flask, g, request
+from flask_cors import CORS
+from flask_migrate import Migrate
+
+from commands import create_admin_command, prepare_database
+from config import Config, parse_flag, resolve_secrets
+from models import db
+from routes import analytics, auth, health, tasks, users
+from routes.errors import register_error_handlers
+
+MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+migrate = Migrate()
+
+
+def create_app(config: Mapping | None = None) -> Flask:
+    """Build the app from the environment; ``config`` overrides single settings (tests use it)."""
+    app = Flask(__name__)
+    app.config.from_object(Config())
+    app.config.update(config or {})
+    if app.config["INSTANCE_PATH"]:
+        app.instance_path = os.path.abspath(app.config["INSTANCE_PATH"])
+    resolve_secrets(app.config, app.instance_path)
+    configure_logging(app)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
+    auth.jwt.init_app(app)
+    CORS(
+        app,
+        resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["X-Request-ID"],
+        max_age=600,
+    )
+
+    for module in (auth, users, tasks, analytics, health):
+        app.register_blueprint(module.bp)
+    register_error_handlers(app)
+    register_request_id(app)
+    app.cli.add_command(create_admin_command)
+
+    prepare_database(app)
+    return app
+
+
+def configure_logging(app: Flask) -> None:
+    """Log to stderr at LOG_LEVEL unless a server or test runner has set logging up already."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
+        )
+
+
+def register_request_id(app: Flask) -> None:
+    """Give every request an id (the caller's ``X-Request-ID`` when sane) for logs and support."""
+
+    @app.before_request
+    def assign_request_id():
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+    @app.after_request
+    def echo_request_id(response):
+        if "request_id" in g:
+            response.headers["X-Request-ID"] = g.request_id
+        return response
+
+
+def __getattr__(name: str):
+    # `app` is built on first use (gunicorn and flask look it up), not on import, so that tests
+    # and tools can import create_app without building the development app and its database.
+    if name == "app":
+        load_dotenv()
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    load_dotenv()
+    create_app().run(
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "5000")),
+        debug=parse_flag("FLASK_DEBUG", os.environ.get("FLASK_DEBUG"), default=False),
+    )

@@ -1,0 +1,100 @@
+"""``flask`` commands, and the start-up steps that share their code."""
+
+from pathlib import Path
+
+import click
+import flask_migrate
+from filelock import FileLock
+from flask import Flask, current_app
+from flask.cli import with_appcontext
+from marshmallow import ValidationError
+from sqlalchemy import inspect, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from config import ConfigError
+from models import User, db
+from routes.auth import create_user, duplicate_user
+from routes.errors import describe_validation
+from schemas import RegisterSchema
+
+DOCUMENTED_ADMIN_PASSWORD = "admin123"
+
+
+def admin_fields(username: str, email: str, password: str, full_name: str) -> dict:
+    """The admin's details, checked by the same rules as a registration."""
+    return RegisterSchema().load(
+        {"username": username, "email": email, "password": password, "full_name": full_name}
+    )
+
+
+@click.command("create-admin")
+@click.option("--username", envvar="ADMIN_USERNAME", default="admin", show_default=True)
+@click.option("--email", envvar="ADMIN_EMAIL", default="admin@finstack.com", show_default=True)
+@click.option("--full-name", default="Administrator", show_default=True)
+@click.option("--password", envvar="ADMIN_PASSWORD", prompt=True, hide_input=True, confirmation_prompt=True)
+@with_appcontext
+def create_admin_command(username: str, email: str, full_name: str, password: str) -> None:
+    """Create an administrator account (asks for the password unless ADMIN_PASSWORD is set)."""
+    try:
+        data = admin_fields(username, email, password, full_name)
+    except ValidationError as error:
+        raise click.UsageError(describe_validation(error.normalized_messages())) from None
+    create_user(**data)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()
+        raise click.ClickException(duplicate_user(data["username"], data["email"]).message) from None
+    click.echo(f"Created administrator '{data['username']}'.")
+
+
+def prepare_database(app: Flask) -> None:
+    """At start-up: apply pending migrations (when AUTO_MIGRATE) and create the first admin (when configured)."""
+    with app.app_context():
+        if app.config["AUTO_MIGRATE"]:
+            migrate_to_latest(app)
+        if app.config["ADMIN_PASSWORD"]:
+            create_first_admin(app)
+
+
+def migrate_to_latest(app: Flask) -> None:
+    """``flask db upgrade``, once even when every gunicorn worker starts at the same moment."""
+    instance = Path(app.instance_path)
+    instance.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(instance / ".startup.lock"):
+            flask_migrate.upgrade()
+    except OperationalError as error:
+        # Start anyway: the health check reports the database, and requests answer 503 until it is back.
+        app.logger.error("Database unreachable at start-up; migrations not applied: %s", error)
+
+
+def create_first_admin(app: Flask) -> None:
+    """Create the administrator from ADMIN_* settings, once: only while the database has no users at all."""
+    try:
+        data = admin_fields(
+            app.config["ADMIN_USERNAME"], app.config["ADMIN_EMAIL"], app.config["ADMIN_PASSWORD"], "Administrator"
+        )
+    except ValidationError as error:
+        raise ConfigError(f"ADMIN_* settings: {describe_validation(error.normalized_messages())}") from None
+    try:
+        if not inspect(db.engine).has_table(User.__tablename__):
+            return  # `flask db upgrade` is about to create it; the next start creates the admin
+        if db.session.scalar(select(User.id).limit(1)) is not None:
+            return
+        create_user(**data)
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()  # another worker starting at the same time created it first
+        return
+    except OperationalError as error:
+        db.session.rollback()
+        current_app.logger.error("Could not create the first administrator: %s", error)
+        return
+    if data["password"] == DOCUMENTED_ADMIN_PASSWORD:
+        current_app.logger.warning(
+            "Created the default administrator '%s' with the documented password '%s': change it now.",
+            data["username"], DOCUMENTED_ADMIN_PASSWORD,
+        )
+    else:
+        current_app.logger.warning("Created the first administrator '%s' from ADMIN_* settings.", data["username"])

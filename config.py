@@ -1,0 +1,110 @@
+"""Settings, read once from the environment (``.env`` is honoured by ``flask`` and ``app.py``)."""
+
+import os
+import secrets
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+from filelock import FileLock
+
+VERSION = "1.0.0"
+
+DEFAULT_CORS_ORIGINS = "http://localhost:4200,http://127.0.0.1:4200"
+MIN_SECRET_BYTES = 32
+SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(RuntimeError):
+    """The environment cannot run the app; the message says what to change."""
+
+
+def normalise_database_url(url: str) -> str:
+    """Point PostgreSQL URLs at psycopg2 (SQLAlchemy 2.1 would pick psycopg 3; Render says postgres://)."""
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def engine_options(url: str) -> dict:
+    """Connection settings: bounded connect time and stale-connection checks on PostgreSQL."""
+    if url.startswith("postgresql"):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+    return {}
+
+
+def parse_flag(name: str, value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}.")
+
+
+class Config:
+    """Every setting the app reads, taken from ``environ`` (the process environment by default)."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ):
+        def env(name, default=None):
+            return environ.get(name) or default
+
+        self.APP_ENV = env("APP_ENV", "development")
+        production = self.APP_ENV == "production"
+
+        self.SQLALCHEMY_DATABASE_URI = normalise_database_url(
+            env("DATABASE_URL", "sqlite:///finstack.db")  # relative SQLite paths live in the instance folder
+        )
+        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+        self.INSTANCE_PATH = env("INSTANCE_PATH")
+        self.AUTO_MIGRATE = parse_flag("AUTO_MIGRATE", env("AUTO_MIGRATE"), default=not production)
+
+        self.SECRET_KEY = env("SECRET_KEY")
+        self.JWT_SECRET_KEY = env("JWT_SECRET_KEY")
+        self.JWT_ACCESS_TOKEN_EXPIRES = timedelta(hours=24)
+        self.JWT_ALGORITHM = "HS256"
+        self.JWT_DECODE_ALGORITHMS = ["HS256"]
+        self.PASSWORD_HASH_METHOD = env("PASSWORD_HASH_METHOD", "scrypt")
+
+        self.ADMIN_USERNAME = env("ADMIN_USERNAME", "admin")
+        self.ADMIN_EMAIL = env("ADMIN_EMAIL", "admin@finstack.com")
+        self.ADMIN_PASSWORD = env("ADMIN_PASSWORD", None if production else "admin123")
+
+        self.CORS_ORIGINS = [
+            origin.strip() for origin in env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS).split(",") if origin.strip()
+        ]
+        self.MAX_CONTENT_LENGTH = 1024 * 1024
+        self.LOG_LEVEL = env("LOG_LEVEL", "INFO").upper()
+        if self.LOG_LEVEL not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.LOG_LEVEL!r}.")
+        self.VERSION = VERSION
+
+
+def resolve_secrets(config: dict, instance_path: str) -> None:
+    """Demand real secrets in production; elsewhere generate each missing one once, in the instance folder."""
+    for name in SECRET_NAMES:
+        value = config.get(name)
+        if config["APP_ENV"] == "production":
+            if not value:
+                raise ConfigError(f"{name} must be set when APP_ENV=production.")
+            if len(value.encode()) < MIN_SECRET_BYTES:
+                raise ConfigError(f"{name} must be at least {MIN_SECRET_BYTES} bytes long in production.")
+        elif not value:
+            config[name] = instance_secret(instance_path, name.lower())
+
+
+def instance_secret(instance_path: str, name: str) -> str:
+    """Read the secret kept in the instance folder, creating it first if this is the first start."""
+    folder = Path(instance_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    # Every gunicorn worker starts at once; the lock makes exactly one of them write the file.
+    with FileLock(folder / ".startup.lock"):
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()

@@ -1,0 +1,33 @@
+"""Blueprints, one module per area, and the request helpers they share."""
+
+from flask import current_app, request
+from flask_jwt_extended import verify_jwt_in_request
+from marshmallow import Schema, ValidationError
+
+from routes.errors import APIError
+
+
+def load_json(schema: Schema) -> dict:
+    """Validate the request's JSON object with ``schema``; anything that is not a JSON object is a 400."""
+    if not request.is_json:
+        raise APIError("Send a JSON object with the header 'Content-Type: application/json'.")
+    try:
+        data = current_app.json.loads(request.get_data())
+    except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        raise APIError("The request body is not valid JSON.", details={"body": [str(error)[:200]]}) from error
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.")
+    return schema.load(data)
+
+
+def load_args(schema: Schema) -> dict:
+    """Validate the query string with ``schema``; a parameter given twice is ambiguous, so a 400."""
+    repeated = [name for name, values in request.args.lists() if len(values) > 1]
+    if repeated:
+        raise ValidationError({name: ["Give this parameter only once."] for name in repeated})
+    return schema.load(request.args.to_dict())
+
+
+def require_login() -> None:
+    """``before_request`` guard for blueprints where every endpoint needs a valid access token."""
+    verify_jwt_in_request()  # lets CORS preflights (OPTIONS) through by itself

@@ -1,0 +1,90 @@
+"""Registration, login and the current user; the JWT identity wiring lives here too."""
+
+import uuid
+
+from flask import Blueprint
+from flask_jwt_extended import JWTManager, create_access_token, current_user, jwt_required
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+
+from models import User, db
+from routes import load_json
+from routes.errors import APIError
+from schemas import LoginSchema, RegisterSchema, UserSchema
+
+bp = Blueprint("auth", __name__, url_prefix="/api/auth")
+jwt = JWTManager()
+user_schema = UserSchema()
+
+
+@jwt.user_identity_loader
+def user_identity(user: User) -> str:
+    return str(user.id)
+
+
+@jwt.user_lookup_loader
+def load_user(_header: dict, payload: dict) -> User | None:
+    """Load the token's user on every request, so deleted and deactivated accounts lose access at once."""
+    try:
+        user_id = uuid.UUID(payload["sub"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    user = db.session.get(User, user_id)
+    return user if user is not None and user.is_active else None
+
+
+def create_user(username: str, email: str, password: str, full_name: str) -> User:
+    """Add a user to the session; the caller commits and handles a duplicate with ``duplicate_user``."""
+    user = User(username=username, email=email, full_name=full_name)
+    user.set_password(password)
+    db.session.add(user)
+    return user
+
+
+def duplicate_user(username: str, email: str) -> APIError:
+    """The 409 for a username or email already taken (run after the failed insert was rolled back)."""
+    taken = db.session.execute(
+        select(User.username, User.email).where(or_(User.username == username, User.email == email))
+    ).all()
+    details = {}
+    if any(row.username == username for row in taken):
+        details["username"] = ["This username is already taken."]
+    if any(row.email == email for row in taken):
+        details["email"] = ["This email is already registered."]
+    message = " ".join(messages[0] for messages in details.values()) or "This account already exists."
+    return APIError(message, 409, details)
+
+
+def session_response(message: str, user: User) -> dict:
+    return {"message": message, "user": user_schema.dump(user), "access_token": create_access_token(user)}
+
+
+@bp.post("/register")
+def register():
+    """Create an account and log it in."""
+    data = load_json(RegisterSchema())
+    user = create_user(**data)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # The unique constraints decide, so parallel registrations of one name give one 201 and 409s.
+        db.session.rollback()
+        raise duplicate_user(data["username"], data["email"]) from None
+    return session_response("Registration successful.", user), 201
+
+
+@bp.post("/login")
+def login():
+    """Exchange a username and password for an access token."""
+    data = load_json(LoginSchema())
+    user = db.session.scalar(select(User).where(User.username == data["username"]))
+    if user is None or not user.check_password(data["password"]) or not user.is_active:
+        raise APIError("Invalid username or password.", 401)
+    return session_response("Login successful.", user)
+
+
+@bp.get("/me")
+@jwt_required()
+def me():
+    """The user the access token belongs to."""
+    return {"user": user_schema.dump(current_user)}

@@ -1,0 +1,142 @@
+"""Tasks: the calls, meetings and follow-ups logged against client entities."""
+
+import uuid
+
+from flask import Blueprint
+from flask_jwt_extended import current_user
+from marshmallow import ValidationError
+from sqlalchemy import Select, case, literal, select, update
+
+from models import Task, User, UTCDateTime, db, utcnow
+from routes import load_args, load_json, require_login
+from routes.errors import APIError
+from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema
+
+bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
+bp.before_request(require_login)
+
+task_schema = TaskSchema()
+
+
+def filter_tasks(args: dict) -> Select:
+    """The SELECT for the task list's filters (validated by ``TaskQuerySchema``), unordered."""
+    stmt = select(Task)
+    if "status" in args:
+        stmt = stmt.where(Task.status == args["status"])
+    if "task_type" in args:
+        stmt = stmt.where(Task.task_type.icontains(args["task_type"], autoescape=True))
+    if "entity_name" in args:
+        stmt = stmt.where(Task.entity_name.icontains(args["entity_name"], autoescape=True))
+    if "contact_person_id" in args:
+        stmt = stmt.where(Task.contact_person_id == args["contact_person_id"])
+    if "created_from" in args:
+        stmt = stmt.where(Task.date_created >= args["created_from"])
+    if "created_to" in args:
+        stmt = stmt.where(Task.date_created <= args["created_to"])
+    if "created_before" in args:
+        stmt = stmt.where(Task.date_created < args["created_before"])
+    return stmt
+
+
+def active_user(user_id: uuid.UUID) -> User:
+    """The assignee named by ``contact_person_id``; unknown or deactivated users are a 400."""
+    user = db.session.get(User, user_id)
+    if user is None or not user.is_active:
+        raise ValidationError({"contact_person_id": ["No active user has this id."]})
+    return user
+
+
+def pagination(page) -> dict:
+    return {
+        "page": page.page,
+        "per_page": page.per_page,
+        "total": page.total,
+        "pages": page.pages,
+        "has_next": page.has_next,
+        "has_prev": page.has_prev,
+    }
+
+
+@bp.get("")
+def list_tasks():
+    """A page of tasks, filtered and sorted as the query string asks."""
+    args = load_args(TaskQuerySchema())
+    descending = args["sort_order"] == "desc"
+    # Task.id last: ties still come in a stable order, so pages never overlap or skip.
+    order = [c.desc() if descending else c.asc() for c in (getattr(Task, args["sort_by"]), Task.id)]
+    stmt = filter_tasks(args).order_by(*order)
+    page = db.paginate(stmt, page=args["page"], per_page=args["per_page"], error_out=False)
+    return {"tasks": task_schema.dump(page.items, many=True), "pagination": pagination(page)}
+
+
+@bp.post("")
+def create_task():
+    """Log a task, created by the caller and assigned to an active user."""
+    data = load_json(TaskSchema())
+    contact_person = active_user(data.pop("contact_person_id"))
+    task = Task(**data, contact_person=contact_person, created_by=current_user)
+    db.session.add(task)
+    db.session.commit()
+    return {"message": "Task created.", "task": task_schema.dump(task)}, 201
+
+
+@bp.get("/<uuid:task_id>")
+def get_task(task_id: uuid.UUID):
+    """One task."""
+    return {"task": task_schema.dump(db.get_or_404(Task, task_id, description="Task not found."))}
+
+
+@bp.put("/<uuid:task_id>")
+def update_task(task_id: uuid.UUID):
+    """Change any subset of a task's fields; ``note: null`` clears the note."""
+    task = db.get_or_404(Task, task_id, description="Task not found.")
+    data = load_json(TaskSchema(partial=True))
+    if not data:
+        raise APIError("Nothing to update: send at least one task field.")
+    if "contact_person_id" in data:
+        task.contact_person = active_user(data.pop("contact_person_id"))
+    for field, value in data.items():
+        setattr(task, field, value)
+    db.session.commit()
+    return {"message": "Task updated.", "task": task_schema.dump(task)}
+
+
+@bp.patch("/<uuid:task_id>/status")
+def update_task_status(task_id: uuid.UUID):
+    """Open or close a task."""
+    task = db.get_or_404(Task, task_id, description="Task not found.")
+    task.status = load_json(TaskStatusSchema())["status"]
+    db.session.commit()
+    return {"message": f"Task {task.status}.", "task": task_schema.dump(task)}
+
+
+@bp.patch("/bulk-status")
+def bulk_update_status():
+    """Open or close up to 1000 tasks at once: one UPDATE, and nothing changes if any id is unknown."""
+    data = load_json(BulkStatusSchema())
+    task_ids = list(dict.fromkeys(data["task_ids"]))
+    status = data["status"]
+    # Tasks already in that status keep their updated_at: nothing about them changed.
+    touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
+    found = db.session.scalars(
+        update(Task)
+        .where(Task.id.in_(task_ids))
+        .values(status=status, updated_at=touched_at)
+        .returning(Task.id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    found_ids = set(found)
+    missing = [str(task_id) for task_id in task_ids if task_id not in found_ids]
+    if missing:
+        db.session.rollback()
+        raise APIError(f"{len(missing)} of the tasks do not exist; nothing was changed.", 404, {"not_found": missing})
+    db.session.commit()
+    return {"message": f"{len(found_ids)} tasks {status}.", "updated": len(found_ids)}
+
+
+@bp.delete("/<uuid:task_id>")
+def delete_task(task_id: uuid.UUID):
+    """Delete a task for good."""
+    db.session.delete(db.get_or_404(Task, task_id, description="Task not found."))
+    db.session.commit()
+    return {"message": "Task deleted."}

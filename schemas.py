@@ -1,0 +1,176 @@
+"""marshmallow schemas: what the API accepts (load) and what it answers (dump)."""
+
+from datetime import date, datetime, time, timedelta, timezone
+
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
+from marshmallow.validate import Email, Length, OneOf, Range, Regexp
+
+from models import TASK_STATUSES
+
+SORTABLE_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
+MAX_PER_PAGE = 100
+MAX_PAGE = 10**9  # keeps OFFSET inside a 64-bit integer on PostgreSQL
+MAX_BULK_IDS = 1000
+# Output-only task fields a client may echo back (the "duplicate" button does); they are dropped, never written.
+READ_ONLY_TASK_FIELDS = ("id", "date_created", "updated_at", "created_by", "contact_person")
+
+
+class String(fields.String):
+    """A string PostgreSQL can store: NUL characters are rejected, not left to fail in the database."""
+
+    default_error_messages = {"null_character": "Must not contain NUL characters."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in value:
+            raise self.make_error("null_character")
+        return value
+
+
+class Trimmed(String):
+    """A string with surrounding white space removed before validation."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).strip()
+
+
+class UTCDateTime(fields.AwareDateTime):
+    """ISO 8601 in (no offset means UTC; an offset is converted to UTC), ISO 8601 with its offset out."""
+
+    def __init__(self, **kwargs):
+        super().__init__(format="iso", default_timezone=timezone.utc, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return value.astimezone(timezone.utc)
+        except OverflowError as error:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
+            raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from error
+
+
+class DateOrDateTime(fields.Field):
+    """A bare ISO date (``2025-07-01``) loads as a ``date``; anything else must be an ISO 8601 timestamp."""
+
+    default_error_messages = {"invalid": "Not a valid ISO 8601 date or date-time."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and len(value) == 10:
+            try:
+                return date.fromisoformat(value)
+            except ValueError as error:
+                raise self.make_error("invalid") from error
+        try:
+            return UTCDateTime()._deserialize(value, attr, data, **kwargs)
+        except ValidationError as error:
+            raise self.make_error("invalid") from error
+
+
+def start_of_day(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+
+
+class UserSchema(Schema):
+    id = fields.UUID(dump_only=True)
+    username = fields.String(dump_only=True)
+    email = fields.String(dump_only=True)
+    full_name = fields.String(dump_only=True)
+    is_active = fields.Boolean(dump_only=True)
+    created_at = UTCDateTime(dump_only=True)
+
+
+class RegisterSchema(Schema):
+    username = Trimmed(
+        required=True,
+        validate=[
+            Length(min=3, max=80),
+            Regexp(
+                r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                error="Use letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            ),
+        ],
+    )
+    email = Trimmed(required=True, validate=[Length(max=255), Email()])
+    password = String(required=True, load_only=True, validate=Length(min=8, max=128))
+    full_name = Trimmed(required=True, validate=Length(min=1, max=120))
+
+    @post_load
+    def normalise_case(self, data, **kwargs):
+        # Usernames and emails are case-insensitive: store and compare them in lower case.
+        data["username"] = data["username"].lower()
+        data["email"] = data["email"].lower()
+        return data
+
+
+class LoginSchema(Schema):
+    username = Trimmed(required=True, validate=Length(min=1, max=255))
+    password = String(required=True, load_only=True, validate=Length(min=1, max=128))
+
+    @post_load
+    def normalise_case(self, data, **kwargs):
+        data["username"] = data["username"].lower()
+        return data
+
+
+class TaskSchema(Schema):
+    id = fields.UUID(dump_only=True)
+    date_created = UTCDateTime(dump_only=True)
+    entity_name = Trimmed(required=True, validate=Length(min=1, max=255))
+    task_type = Trimmed(required=True, validate=Length(min=1, max=50))
+    task_time = UTCDateTime(required=True)
+    contact_person_id = fields.UUID(required=True, load_only=True)
+    contact_person = fields.Nested(UserSchema, dump_only=True, allow_none=True)
+    note = String(allow_none=True, validate=Length(max=10_000))
+    status = String(validate=OneOf(TASK_STATUSES))
+    created_by = fields.Nested(UserSchema, dump_only=True, allow_none=True)
+    updated_at = UTCDateTime(dump_only=True)
+
+    @pre_load
+    def drop_read_only_fields(self, data, **kwargs):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if key not in READ_ONLY_TASK_FIELDS}
+        return data
+
+
+class TaskStatusSchema(Schema):
+    status = String(required=True, validate=OneOf(TASK_STATUSES))
+
+
+class BulkStatusSchema(Schema):
+    task_ids = fields.List(fields.UUID(), required=True, validate=Length(min=1, max=MAX_BULK_IDS))
+    status = String(required=True, validate=OneOf(TASK_STATUSES))
+
+
+class TaskQuerySchema(Schema):
+    """The task list's query string; every parameter is checked, none is silently ignored."""
+
+    status = String(validate=OneOf(TASK_STATUSES))
+    task_type = String(validate=Length(max=50))
+    entity_name = String(validate=Length(max=255))
+    contact_person_id = fields.UUID()
+    date_from = DateOrDateTime()
+    date_to = DateOrDateTime()
+    page = fields.Integer(load_default=1, validate=Range(min=1, max=MAX_PAGE))
+    per_page = fields.Integer(load_default=20, validate=Range(min=1))
+    sort_by = String(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
+    sort_order = String(load_default="desc", validate=OneOf(("asc", "desc")))
+
+    @post_load
+    def to_bounds(self, data, **kwargs):
+        """Cap ``per_page`` and turn the dates into an inclusive lower and an exclusive or inclusive upper bound."""
+        data["per_page"] = min(data["per_page"], MAX_PER_PAGE)
+        date_from = data.pop("date_from", None)
+        date_to = data.pop("date_to", None)
+        if date_from is not None:
+            data["created_from"] = date_from if isinstance(date_from, datetime) else start_of_day(date_from)
+        if isinstance(date_to, datetime):
+            data["created_to"] = date_to
+        elif date_to is not None and date_to < date.max:
+            # A bare date includes the whole day: everything before the next midnight.
+            data["created_before"] = start_of_day(date_to + timedelta(days=1))
+        lower = data.get("created_from")
+        if lower is not None and (
+            ("created_to" in data and lower > data["created_to"])
+            or ("created_before" in data and lower >= data["created_before"])
+        ):
+            raise ValidationError("Must not be later than date_to.", "date_from")
+        return data

@@ -1,0 +1,203 @@
+"""Fixtures. Unset TEST_DATABASE_URL: SQLite, a new file per test. Set: that PostgreSQL database,
+each test inside a transaction that is rolled back (the app's commits become savepoints)."""
+
+import os
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+import pytest
+import sqlalchemy as sa
+from flask_sqlalchemy.session import _app_ctx_id
+from sqlalchemy.orm import scoped_session, sessionmaker
+
+from app import create_app
+from helpers import PASSWORD, POSTGRES_URL, settings, token_for
+from models import Task, User, db
+from schemas import TaskSchema
+
+# Settings the app reads from the environment; tests start from none of them, whatever the shell has.
+APP_ENVIRONMENT = (
+    "APP_ENV", "DATABASE_URL", "INSTANCE_PATH", "AUTO_MIGRATE", "SECRET_KEY", "JWT_SECRET_KEY",
+    "PASSWORD_HASH_METHOD", "ADMIN_USERNAME", "ADMIN_EMAIL", "ADMIN_PASSWORD", "CORS_ORIGIN", "LOG_LEVEL",
+)
+
+SCHEMA_CREATED = pytest.StashKey[bool]()
+
+
+def pytest_report_header(config):
+    return f"database: {POSTGRES_URL or 'SQLite (a new file per test)'}"
+
+
+def schema_engine() -> sa.Engine:
+    # A lock timeout: a connection some test leaked makes DROP TABLE fail loudly instead of waiting forever.
+    return sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5, "options": "-c lock_timeout=10s"})
+
+
+def pytest_sessionstart(session):
+    """Create the PostgreSQL schema once; an unreachable server skips the run, or fails it when CI=true."""
+    if POSTGRES_URL is None:
+        return
+    engine = schema_engine()
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as error:
+        engine.dispose()
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.exit(f"PostgreSQL at {POSTGRES_URL} is unreachable and CI=true: {error}", returncode=1)
+        pytest.exit(f"PostgreSQL at {POSTGRES_URL} is unreachable; skipping the PostgreSQL run.", returncode=0)
+    db.metadata.drop_all(engine)
+    db.metadata.create_all(engine)
+    engine.dispose()
+    session.config.stash[SCHEMA_CREATED] = True
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.stash.get(SCHEMA_CREATED, False) and exitstatus != pytest.ExitCode.INTERRUPTED:
+        engine = schema_engine()
+        db.metadata.drop_all(engine)
+        engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in APP_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def app(tmp_path):
+    if POSTGRES_URL is None:
+        app = create_app(settings(f"sqlite:///{tmp_path / 'test.db'}", tmp_path))
+        with app.app_context():
+            db.create_all()
+        yield app
+        with app.app_context():
+            db.engine.dispose()
+        return
+
+    app = create_app(settings(POSTGRES_URL, tmp_path))
+    with app.app_context():
+        connection = db.engine.connect()
+    transaction = connection.begin()
+    # Flask-SQLAlchemy's session always picks the app's engine, so swap in a plain session bound
+    # to this connection, scoped per app context like the real one.
+    app_session = db.session
+    db.session = scoped_session(
+        sessionmaker(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False),
+        scopefunc=_app_ctx_id,
+    )
+    try:
+        yield app
+    finally:
+        db.session = app_session  # sessions of the test's app contexts were removed as each one ended
+        transaction.rollback()
+        connection.close()
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def make_user(app):
+    """Add a user directly; returns a dict of its fields and its password."""
+
+    def make(username: str, **overrides) -> dict:
+        fields = {"email": f"{username}@example.com", "full_name": username.title(), "is_active": True} | overrides
+        with app.app_context():
+            user = User(username=username, **fields)
+            user.set_password(PASSWORD)
+            db.session.add(user)
+            db.session.commit()
+            return {"id": str(user.id), "username": username, "password": PASSWORD, **fields}
+
+    return make
+
+
+@pytest.fixture
+def user(make_user):
+    return make_user("alice", full_name="Alice Adams")
+
+
+@pytest.fixture
+def other_user(make_user):
+    return make_user("bob", full_name="Bob Brown")
+
+
+@pytest.fixture
+def auth_headers(app, user):
+    return {"Authorization": f"Bearer {token_for(app, user['id'])}"}
+
+
+@pytest.fixture
+def make_task(app, user):
+    """Add a task directly (so read-only fields such as date_created can be set); returns its API form."""
+
+    def make(**overrides) -> dict:
+        fields = {
+            "entity_name": "ABC Corporation",
+            "task_type": "Call",
+            "task_time": datetime(2025, 1, 15, 10, 0, tzinfo=timezone.utc),
+            "status": "open",
+            "contact_person_id": uuid.UUID(user["id"]),
+            "created_by_id": uuid.UUID(user["id"]),
+        } | overrides
+        with app.app_context():
+            task = Task(**fields)
+            db.session.add(task)
+            db.session.commit()
+            db.session.expunge_all()  # read it back as the API would, with its people
+            return TaskSchema().dump(db.session.get(Task, task.id))
+
+    return make
+
+
+@pytest.fixture
+def count_statements(app):
+    """``with count_statements() as statements:`` records the SQL the app sends (savepoints aside)."""
+
+    @contextmanager
+    def counting():
+        statements = []
+
+        def record(_conn, _cursor, statement, *_args):
+            if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+                statements.append(statement)
+
+        with app.app_context():
+            engine = db.engine
+        sa.event.listen(engine, "before_cursor_execute", record)
+        try:
+            yield statements
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", record)
+
+    return counting
+
+
+@pytest.fixture
+def fresh_database_url(tmp_path):
+    """An empty database of the kind under test, for migrations and real servers; dropped afterwards."""
+    if POSTGRES_URL is None:
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    name = f"finstack_test_{uuid.uuid4().hex[:12]}"
+    server = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with server.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with server.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.dispose()

@@ -1,0 +1,166 @@
+"""`flask` commands, the first administrator, and the migrations that build the schema."""
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from app import create_app
+from helpers import settings
+from models import User, db
+
+
+def users(app) -> list[str]:
+    with app.app_context():
+        return list(db.session.scalars(sa.select(User.username).order_by(User.username)))
+
+
+def login(app, username: str, password: str) -> int:
+    return app.test_client().post("/api/auth/login", json={"username": username, "password": password}).status_code
+
+
+# create-admin
+
+
+def test_create_admin_creates_a_user_who_can_log_in(app, runner):
+    result = runner.invoke(
+        args=["create-admin", "--username", "Root", "--email", "root@example.com", "--password", "long-enough-1"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Created administrator 'root'" in result.output
+    assert users(app) == ["root"]
+    assert login(app, "root", "long-enough-1") == 200
+
+
+def test_create_admin_prompts_for_the_password(app, runner):
+    result = runner.invoke(args=["create-admin"], input="long-enough-2\nlong-enough-2\n")
+
+    assert result.exit_code == 0, result.output
+    assert login(app, "admin", "long-enough-2") == 200
+
+
+def test_create_admin_refuses_a_taken_username(app, runner, user):
+    result = runner.invoke(args=["create-admin", "--username", "alice", "--password", "long-enough-1"])
+
+    assert result.exit_code == 1
+    assert "already taken" in result.output
+    assert users(app) == ["alice"]
+
+
+def test_create_admin_refuses_invalid_details(app, runner):
+    result = runner.invoke(args=["create-admin", "--email", "nope", "--password", "short"])
+
+    assert result.exit_code == 2
+    assert "email" in result.output and "password" in result.output
+    assert users(app) == []
+
+
+def test_create_admin_is_listed_in_flask_help(runner):
+    result = runner.invoke(args=["--help"])
+
+    assert "create-admin" in result.output
+    assert "Create an administrator account" in result.output
+
+
+# The first administrator, created at start-up
+
+
+def development_app(database_url, tmp_path, **overrides):
+    """The app as it starts in development: migrations applied, default admin on an empty database."""
+    return create_app(settings(database_url, tmp_path, **{"AUTO_MIGRATE": True, "ADMIN_PASSWORD": "admin123"} | overrides))
+
+
+def test_first_start_in_development_creates_the_documented_admin_and_warns(fresh_database_url, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        app = development_app(fresh_database_url, tmp_path)
+
+    assert users(app) == ["admin"]
+    assert login(app, "admin", "admin123") == 200
+    with app.app_context():
+        assert db.session.scalar(sa.select(User.email)) == "admin@finstack.com"
+    assert any("admin123" in r.getMessage() and "change it" in r.getMessage() for r in caplog.records)
+
+
+def test_later_starts_create_no_second_admin(fresh_database_url, tmp_path, caplog):
+    development_app(fresh_database_url, tmp_path)
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING):
+        app = development_app(fresh_database_url, tmp_path, ADMIN_USERNAME="other")
+
+    assert users(app) == ["admin"]
+    assert not any("administrator" in r.getMessage() for r in caplog.records)
+
+
+def test_admin_settings_override_the_default(fresh_database_url, tmp_path):
+    app = development_app(
+        fresh_database_url, tmp_path, ADMIN_USERNAME="boss", ADMIN_EMAIL="boss@finstack.com", ADMIN_PASSWORD="n3w-pass!"
+    )
+
+    assert users(app) == ["boss"]
+    assert login(app, "boss", "n3w-pass!") == 200
+
+
+def test_production_creates_an_admin_only_from_admin_settings(fresh_database_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", fresh_database_url)
+    monkeypatch.setenv("SECRET_KEY", "s" * 40)
+    monkeypatch.setenv("JWT_SECRET_KEY", "j" * 40)
+    monkeypatch.setenv("PASSWORD_HASH_METHOD", "scrypt:1024:8:1")
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
+    migrated = create_app({"AUTO_MIGRATE": True})
+    assert users(migrated) == []
+
+    monkeypatch.setenv("ADMIN_USERNAME", "ops")
+    monkeypatch.setenv("ADMIN_PASSWORD", "0ps-password")
+
+    assert users(create_app()) == ["ops"]
+
+
+def test_invalid_admin_settings_stop_the_start(fresh_database_url, tmp_path):
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="ADMIN_"):
+        development_app(fresh_database_url, tmp_path, ADMIN_USERNAME="not valid!")
+
+
+# Migrations
+
+
+def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path))
+    runner = app.test_cli_runner()
+
+    upgrade = runner.invoke(args=["db", "upgrade"])
+    check = runner.invoke(args=["db", "check"])
+
+    assert upgrade.exit_code == 0, upgrade.output
+    assert check.exit_code == 0, check.output
+    with app.app_context():
+        inspector = sa.inspect(db.engine)
+        assert set(inspector.get_table_names()) == {"alembic_version", "app_users", "tasks"}
+        model_indexes = {index.name for index in db.metadata.tables["tasks"].indexes}
+        assert {index["name"] for index in inspector.get_indexes("tasks")} == model_indexes
+        assert len(model_indexes) == 8
+
+
+def test_migrations_downgrade_to_an_empty_database(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True))
+
+    result = app.test_cli_runner().invoke(args=["db", "downgrade", "base"])
+
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert set(sa.inspect(db.engine).get_table_names()) == {"alembic_version"}
+
+
+def test_db_check_fails_when_models_and_migrations_disagree(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True))
+    with app.app_context():
+        with db.engine.begin() as connection:
+            connection.execute(sa.text("DROP INDEX ix_tasks_status"))
+
+    result = app.test_cli_runner().invoke(args=["db", "check"])
+
+    assert result.exit_code != 0

@@ -1,0 +1,233 @@
+"""GET /api/tasks: pagination, every filter, sorting, strict parameters, and a fixed number of statements."""
+
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from helpers import assert_error
+
+UTC = timezone.utc
+
+
+def listed(client, headers, query: str = "") -> dict:
+    response = client.get(f"/api/tasks{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()
+
+
+def ids(body: dict) -> list[str]:
+    return [task["id"] for task in body["tasks"]]
+
+
+def test_list_pages_newest_first_by_default(client, auth_headers, make_task):
+    start = datetime(2025, 3, 1, tzinfo=UTC)
+    tasks = [make_task(date_created=start + timedelta(hours=n)) for n in range(25)]
+
+    body = listed(client, auth_headers)
+
+    assert set(body) == {"tasks", "pagination"}
+    assert body["pagination"] == {
+        "page": 1, "per_page": 20, "total": 25, "pages": 2, "has_next": True, "has_prev": False,
+    }  # fmt: skip
+    assert ids(body) == [task["id"] for task in reversed(tasks)][:20]
+    assert body["tasks"][0] == tasks[-1]
+
+    second = listed(client, auth_headers, "?page=2")
+    assert second["pagination"] == {
+        "page": 2, "per_page": 20, "total": 25, "pages": 2, "has_next": False, "has_prev": True,
+    }  # fmt: skip
+    assert ids(second) == [task["id"] for task in reversed(tasks)][20:]
+
+
+def test_list_page_past_the_end_is_empty(client, auth_headers, make_task):
+    make_task()
+
+    body = listed(client, auth_headers, "?page=5")
+
+    assert body["tasks"] == []
+    assert body["pagination"]["total"] == 1
+
+
+def test_list_caps_per_page_at_100(client, auth_headers):
+    assert listed(client, auth_headers, "?per_page=500")["pagination"]["per_page"] == 100
+    assert listed(client, auth_headers, "?per_page=100")["pagination"]["per_page"] == 100
+    assert listed(client, auth_headers, "?per_page=1")["pagination"]["per_page"] == 1
+
+
+def test_list_of_no_tasks(client, auth_headers):
+    assert listed(client, auth_headers) == {
+        "tasks": [],
+        "pagination": {"page": 1, "per_page": 20, "total": 0, "pages": 0, "has_next": False, "has_prev": False},
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "parameter"),
+    [
+        ("page=abc", "page"),
+        ("page=0", "page"),
+        ("page=-1", "page"),
+        ("page=1.5", "page"),
+        ("page=", "page"),
+        ("page=10000000000", "page"),
+        ("per_page=0", "per_page"),
+        ("per_page=-5", "per_page"),
+        ("per_page=ten", "per_page"),
+        ("sort_by=password_hash", "sort_by"),
+        ("sort_by=contact_person", "sort_by"),
+        ("sort_order=up", "sort_order"),
+        ("sort_order=", "sort_order"),
+        ("status=done", "status"),
+        ("status=", "status"),
+        ("contact_person_id=42", "contact_person_id"),
+        ("date_from=yesterday", "date_from"),
+        ("date_to=2025-02-30", "date_to"),
+        ("date_from=2025-07-02&date_to=2025-07-01", "date_from"),
+        ("date_from=2025-07-01T12:00:00Z&date_to=2025-07-01T11:00:00Z", "date_from"),
+        ("entity_name=%00", "entity_name"),
+        ("task_type=" + "x" * 51, "task_type"),
+        ("colour=red", "colour"),
+        ("status=open&status=closed", "status"),
+    ],
+)
+def test_list_rejects_bad_parameters(client, auth_headers, query, parameter):
+    assert_error(client.get(f"/api/tasks?{query}", headers=auth_headers), 400, parameter)
+
+
+def test_list_filters_by_status(client, auth_headers, make_task):
+    closed = make_task(status="closed")
+    make_task(status="open")
+
+    assert ids(listed(client, auth_headers, "?status=closed")) == [closed["id"]]
+
+
+def test_list_filters_by_contact_person(client, auth_headers, make_task, other_user):
+    theirs = make_task(contact_person_id=uuid.UUID(other_user["id"]))
+    make_task()
+
+    assert ids(listed(client, auth_headers, f"?contact_person_id={other_user['id']}")) == [theirs["id"]]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [("entity_name", "corp"), ("entity_name", "ABC CORP"), ("task_type", "FOLLOW"), ("task_type", "up")],
+)
+def test_list_partial_filters_ignore_case(client, auth_headers, make_task, parameter, value):
+    match = make_task(entity_name="ABC Corporation", task_type="Follow-up")
+    make_task(entity_name="Zeta Holdings", task_type="Call")
+
+    assert ids(listed(client, auth_headers, f"?{parameter}={value}")) == [match["id"]]
+
+
+def test_list_partial_filter_folds_case_beyond_ascii(client, auth_headers, make_task):
+    match = make_task(entity_name="MÜLLER GmbH")
+    make_task(entity_name="Muller Inc")
+
+    assert ids(listed(client, auth_headers, "?entity_name=müller")) == [match["id"]]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("100%25", ["100% Capital"]), ("_", ["Snake_Case Ltd"]), ("%25", ["100% Capital"]), ("a/b", ["A/B Partners"])],
+)
+def test_list_partial_filters_treat_wildcards_literally(client, auth_headers, make_task, value, expected):
+    for name in ("100% Capital", "1000 Capital", "Snake_Case Ltd", "SnakeXCase Ltd", "A/B Partners", "AB Partners"):
+        make_task(entity_name=name)
+
+    body = listed(client, auth_headers, f"?entity_name={value}")
+
+    assert [task["entity_name"] for task in body["tasks"]] == expected
+
+
+@pytest.fixture
+def july_tasks(make_task):
+    """Tasks created around 1 July 2025, by name."""
+    moments = {
+        "june-30-late": datetime(2025, 6, 30, 23, 59, 59, tzinfo=UTC),
+        "july-1-start": datetime(2025, 7, 1, 0, 0, 0, tzinfo=UTC),
+        "july-1-noon": datetime(2025, 7, 1, 12, 0, 0, tzinfo=UTC),
+        "july-1-end": datetime(2025, 7, 1, 23, 59, 59, 999999, tzinfo=UTC),
+        "july-2-start": datetime(2025, 7, 2, 0, 0, 0, tzinfo=UTC),
+    }
+    return {name: make_task(date_created=moment, entity_name=name)["id"] for name, moment in moments.items()}
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("date_from=2025-07-01", ["july-1-start", "july-1-noon", "july-1-end", "july-2-start"]),
+        ("date_to=2025-07-01", ["june-30-late", "july-1-start", "july-1-noon", "july-1-end"]),
+        ("date_from=2025-07-01&date_to=2025-07-01", ["july-1-start", "july-1-noon", "july-1-end"]),
+        ("date_to=2025-07-01T12:00:00Z", ["june-30-late", "july-1-start", "july-1-noon"]),
+        ("date_from=2025-07-01T12:00:00Z", ["july-1-noon", "july-1-end", "july-2-start"]),
+        ("date_from=2025-07-01T12:00:00Z&date_to=2025-07-01T12:00:00Z", ["july-1-noon"]),
+        ("date_to=2025-07-01T14:00:00%2B02:00", ["june-30-late", "july-1-start", "july-1-noon"]),
+        ("date_to=2025-07-01T12:00:00", ["june-30-late", "july-1-start", "july-1-noon"]),
+        ("date_from=2025-07-02&date_to=9999-12-31", ["july-2-start"]),
+    ],
+)
+def test_list_date_bounds_are_inclusive(client, auth_headers, july_tasks, query, expected):
+    body = listed(client, auth_headers, f"?{query}&sort_by=date_created&sort_order=asc")
+
+    assert ids(body) == [july_tasks[name] for name in expected]
+
+
+@pytest.mark.parametrize("sort_by", ["date_created", "task_time", "entity_name", "task_type", "status", "updated_at"])
+@pytest.mark.parametrize("sort_order", ["asc", "desc"])
+def test_list_sorts_by_each_field(client, auth_headers, make_task, sort_by, sort_order):
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    for n, (name, kind, status) in enumerate([("Beta", "Meeting", "open"), ("Alpha", "Call", "closed"),
+                                              ("Gamma", "Email", "open")]):  # fmt: skip
+        make_task(
+            entity_name=name, task_type=kind, status=status,
+            date_created=base + timedelta(days=n), updated_at=base + timedelta(days=10 - n),
+            task_time=base + timedelta(days=(n * 7) % 3),
+        )  # fmt: skip
+
+    tasks = listed(client, auth_headers, f"?sort_by={sort_by}&sort_order={sort_order}")["tasks"]
+
+    values = [task[sort_by] for task in tasks]
+    assert values == sorted(values, reverse=sort_order == "desc")
+    assert len(values) == 3
+
+
+def test_list_order_of_ties_is_stable_across_pages(client, auth_headers, make_task):
+    same_moment = datetime(2025, 5, 5, tzinfo=UTC)
+    created = {make_task(date_created=same_moment)["id"] for _ in range(7)}
+
+    pages = [ids(listed(client, auth_headers, f"?per_page=3&page={page}")) for page in (1, 2, 3)]
+
+    assert sum(len(page) for page in pages) == 7
+    assert set().union(*pages) == created
+
+
+def test_list_combines_filters(client, auth_headers, make_task, other_user):
+    match = make_task(status="open", task_type="Call", entity_name="ABC Corporation",
+                      contact_person_id=uuid.UUID(other_user["id"]))  # fmt: skip
+    make_task(status="closed", task_type="Call", entity_name="ABC Corporation",
+              contact_person_id=uuid.UUID(other_user["id"]))  # fmt: skip
+    make_task(status="open", task_type="Meeting", entity_name="ABC Corporation")
+
+    query = f"?status=open&task_type=call&entity_name=abc&contact_person_id={other_user['id']}"
+    body = listed(client, auth_headers, query)
+
+    assert ids(body) == [match["id"]]
+    assert body["pagination"]["total"] == 1
+
+
+@pytest.mark.parametrize("per_page", [1, 10, 100])
+def test_list_takes_a_fixed_number_of_statements_whatever_the_page_size(
+    client, auth_headers, make_task, make_user, count_statements, per_page
+):
+    people = [make_user(f"person{n}") for n in range(5)]
+    for n in range(100):
+        make_task(contact_person_id=uuid.UUID(people[n % 5]["id"]), created_by_id=uuid.UUID(people[-n % 5]["id"]))
+
+    with count_statements() as statements:
+        body = listed(client, auth_headers, f"?per_page={per_page}")
+
+    assert len(body["tasks"]) == per_page
+    assert all(task["contact_person"] and task["created_by"] for task in body["tasks"])
+    # The token's user, the page with both people joined in, and the total.
+    assert len(statements) == 3, statements
