@@ -12,7 +12,7 @@ from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from app import create_app
-from helpers import PASSWORD, POSTGRES_URL, settings, token_for
+from helpers import PASSWORD, POSTGRES_URL, Server, settings, token_for
 from models import Task, User, db
 from schemas import TaskSchema
 
@@ -201,3 +201,30 @@ def fresh_database_url(tmp_path):
         with server.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         server.dispose()
+
+
+@pytest.fixture
+def environment(fresh_database_url, tmp_path) -> dict:
+    """A development environment as a new machine has it: no secrets, no admin settings."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "APP_ENV": "development",
+        "DATABASE_URL": fresh_database_url,
+        "INSTANCE_PATH": str(tmp_path / "instance"),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture
+def start(tmp_path):
+    servers = []
+
+    def start_server(command: list[str], env: dict) -> Server:
+        server = Server(command, env, tmp_path / "server.log")
+        servers.append(server)
+        return server
+
+    yield start_server
+    for server in servers:
+        server.stop()

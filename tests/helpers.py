@@ -1,8 +1,18 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
+from pathlib import Path
 
+import pytest
 from flask_jwt_extended import create_access_token
 
 from config import engine_options, normalise_database_url
@@ -11,6 +21,11 @@ from models import User, db
 POSTGRES_URL = normalise_database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
 FAST_HASH = "scrypt:1024:8:1"
 PASSWORD = "correct-horse-battery"
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = 4
+# The server as development runs it: several workers, each building the app at once.
+GUNICORN = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:{port}",
+            "--no-control-socket", "app:app"]  # fmt: skip
 
 
 def settings(database_url: str, tmp_path, **overrides) -> dict:
@@ -45,3 +60,61 @@ def assert_error(response, status: int, *fields: str) -> dict:
         assert field in body["details"], body
         assert field in body["error"], body
     return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    """One HTTP request on a new connection (so successive calls can land on different workers)."""
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Connection", "close")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+class Server:
+    """A server process on a free port, its log in a file, stopped at the end of the test."""
+
+    def __init__(self, command: list[str], env: dict, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [part.format(port=self.port) for part in command]
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env | {"PORT": str(self.port)}, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.wait_until_healthy()
+
+    def wait_until_healthy(self, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if call("GET", f"{self.url}/api/health")[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"server not healthy after {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,111 +1,13 @@
 """The app served for real: gunicorn with several workers (and `python app.py`) on a fresh database."""
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKERS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def call(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-    """One HTTP request on a new connection (so successive calls can land on different workers)."""
-    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    request.add_header("Content-Type", "application/json")
-    request.add_header("Connection", "close")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-class Server:
-    """A server process on a free port, its log in a file, stopped at the end of the test."""
-
-    def __init__(self, command: list[str], env: dict, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        command = [part.format(port=self.port) for part in command]
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env | {"PORT": str(self.port)}, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.wait_until_healthy()
-
-    def wait_until_healthy(self, timeout: float = 60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if call("GET", f"{self.url}/api/health")[0] == 200:
-                    return
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail(f"server not healthy after {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@pytest.fixture
-def environment(fresh_database_url, tmp_path) -> dict:
-    """A development environment as a new machine has it: no secrets, no admin settings."""
-    return {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path),
-        "APP_ENV": "development",
-        "DATABASE_URL": fresh_database_url,
-        "INSTANCE_PATH": str(tmp_path / "instance"),
-        "LOG_LEVEL": "INFO",
-    }
-
-
-@pytest.fixture
-def start(tmp_path):
-    servers = []
-
-    def start_server(command: list[str], env: dict) -> Server:
-        server = Server(command, env, tmp_path / "server.log")
-        servers.append(server)
-        return server
-
-    yield start_server
-    for server in servers:
-        server.stop()
-
-
-GUNICORN = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:{port}",
-            "--no-control-socket", "app:app"]  # fmt: skip
+from helpers import GUNICORN, ROOT, WORKERS, call
 
 
 def test_workers_starting_together_migrate_and_create_one_admin(start, environment, fresh_database_url, tmp_path):
@@ -170,3 +72,39 @@ def test_python_app_py_serves_the_api(start, environment):
 
     assert status == 200, body
     assert call("GET", f"{server.url}/api/tasks", token=body["access_token"])[0] == 200
+
+
+@pytest.fixture
+def production_environment(environment) -> dict:
+    return environment | {
+        "APP_ENV": "production",
+        "SECRET_KEY": "production-secret-key-0123456789-0123456789",
+        "JWT_SECRET_KEY": "production-jwt-secret-key-0123456789-0123456789",
+        "ADMIN_USERNAME": "ops",
+        "ADMIN_EMAIL": "ops@finstack.com",
+        "ADMIN_PASSWORD": "ops-password-1",
+    }
+
+
+def test_production_start_migrates_then_serves_with_the_configured_admin(start, production_environment, tmp_path):
+    upgrade = subprocess.run(
+        [sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=production_environment, capture_output=True
+    )
+    assert upgrade.returncode == 0, upgrade.stderr.decode()
+
+    server = start(GUNICORN, production_environment)
+
+    assert call("POST", f"{server.url}/api/auth/login", {"username": "ops", "password": "ops-password-1"})[0] == 200
+    assert call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[0] == 401
+    assert not (tmp_path / "instance").exists()  # production writes nothing beside the code
+
+
+def test_production_without_secrets_refuses_to_start_with_a_clear_message(production_environment):
+    environment = {k: v for k, v in production_environment.items() if k != "JWT_SECRET_KEY"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=environment, capture_output=True, timeout=60
+    )
+
+    assert result.returncode != 0
+    assert "JWT_SECRET_KEY must be set when APP_ENV=production." in result.stderr.decode()

@@ -1,0 +1,33 @@
+"""The README's curl examples, run in order against a real server on a fresh database."""
+
+import re
+import subprocess
+
+from helpers import GUNICORN, ROOT
+
+README = (ROOT / "README.md").read_text()
+EXAMPLES = README.split("### By example", 1)[1].split("## PostgreSQL", 1)[0]
+
+
+def test_readme_curl_examples_work(start, environment):
+    script = "\n".join(re.findall(r"```bash\n(.*?)```", EXAMPLES, re.DOTALL))
+    server = start(GUNICORN, environment)
+
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script.replace("http://127.0.0.1:5000", server.url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout
+    assert '"database":"ok"' in output.replace(" ", "")
+    assert output.count('"message":"Registration successful."') == 1
+    for expected in ("Task updated.", "Task closed.", "1 tasks open.", "Task deleted."):
+        assert expected in output, expected
+    assert "Internal server error" not in output
+    assert output.count('"error":') == 4  # the four error examples, and nothing else failed
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
+
