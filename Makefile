@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-sqlite test-postgres db-upgrade db-check clean
+.PHONY: help install run lint format test test-sqlite test-postgres db-upgrade db-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,7 +27,15 @@ install: $(VENV)/.installed  ## Create .venv and install the runtime requirement
 run: $(VENV)/.installed  ## Serve the API on http://127.0.0.1:5000 (SQLite unless DATABASE_URL says otherwise)
 	$(BIN)/python app.py
 
-test: test-sqlite test-postgres  ## Run the whole suite on SQLite, then on PostgreSQL
+lint: $(VENV)/.dev-installed  ## Check style and common mistakes with ruff
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev-installed  ## Rewrite the code in the project's style
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint test-sqlite test-postgres  ## Lint, then run the whole suite on SQLite and on PostgreSQL
 
 test-sqlite: $(VENV)/.dev-installed  ## Run the suite on SQLite only
 	env -u TEST_DATABASE_URL $(BIN)/python -m pytest $(PYTEST_ARGS)

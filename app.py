@@ -42,6 +42,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         allow_headers=["Authorization", "Content-Type"],
         expose_headers=["X-Request-ID"],
         max_age=600,
+        always_send=False,  # no Origin, no CORS headers: curl and servers are not browsers
     )
 
     for module in (auth, users, tasks, analytics, health):
@@ -57,9 +58,7 @@ def create_app(config: Mapping | None = None) -> Flask:
 def configure_logging(app: Flask) -> None:
     """Log to stderr at LOG_LEVEL unless a server or test runner has set logging up already."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
-        )
+        logging.basicConfig(level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
 
 
 def register_request_id(app: Flask) -> None:

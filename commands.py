@@ -22,9 +22,7 @@ DOCUMENTED_ADMIN_PASSWORD = "admin123"
 
 def admin_fields(username: str, email: str, password: str, full_name: str) -> dict:
     """The admin's details, checked by the same rules as a registration."""
-    return RegisterSchema().load(
-        {"username": username, "email": email, "password": password, "full_name": full_name}
-    )
+    return RegisterSchema().load({"username": username, "email": email, "password": password, "full_name": full_name})
 
 
 @click.command("create-admin")
@@ -94,7 +92,8 @@ def create_first_admin(app: Flask) -> None:
     if data["password"] == DOCUMENTED_ADMIN_PASSWORD:
         current_app.logger.warning(
             "Created the default administrator '%s' with the documented password '%s': change it now.",
-            data["username"], DOCUMENTED_ADMIN_PASSWORD,
+            data["username"],
+            DOCUMENTED_ADMIN_PASSWORD,
         )
     else:
         current_app.logger.warning("Created the first administrator '%s' from ADMIN_* settings.", data["username"])

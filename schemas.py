@@ -1,8 +1,8 @@
 """marshmallow schemas: what the API accepts (load) and what it answers (dump)."""
 
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 
-from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
 from models import TASK_STATUSES
@@ -38,12 +38,12 @@ class UTCDateTime(fields.AwareDateTime):
     """ISO 8601 in (no offset means UTC; an offset is converted to UTC), ISO 8601 with its offset out."""
 
     def __init__(self, **kwargs):
-        super().__init__(format="iso", default_timezone=timezone.utc, **kwargs)
+        super().__init__(format="iso", default_timezone=UTC, **kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
         try:
-            return value.astimezone(timezone.utc)
+            return value.astimezone(UTC)
         except OverflowError as error:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC equivalent
             raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from error
 
@@ -66,7 +66,7 @@ class DateOrDateTime(fields.Field):
 
 
 def start_of_day(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+    return datetime.combine(day, time.min, tzinfo=UTC)
 
 
 class UserSchema(Schema):

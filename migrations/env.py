@@ -38,9 +38,7 @@ def run_migrations_online():
     options = dict(migrate_extension.configure_args)
     options.setdefault("process_revision_directives", skip_empty_autogenerate)
     with migrate_extension.db.engine.connect() as connection:
-        context.configure(
-            connection=connection, target_metadata=target_metadata, render_item=render_item, **options
-        )
+        context.configure(connection=connection, target_metadata=target_metadata, render_item=render_item, **options)
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
                 # Several instances may start `flask db upgrade` together; the others wait, then find nothing to do.

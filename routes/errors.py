@@ -81,7 +81,10 @@ def register_error_handlers(app: Flask) -> None:
         db.session.rollback()
         current_app.logger.error(
             "Database unavailable on %s %s (request %s): %s",
-            request.method, request.path, g.get("request_id"), error,
+            request.method,
+            request.path,
+            g.get("request_id"),
+            error,
         )
         return error_response("The database is unavailable; try again shortly.", 503)
 

@@ -107,7 +107,7 @@ def update_task_status(task_id: uuid.UUID):
     task = db.get_or_404(Task, task_id, description="Task not found.")
     task.status = load_json(TaskStatusSchema())["status"]
     db.session.commit()
-    return {"message": f"Task {task.status}.", "task": task_schema.dump(task)}
+    return {"message": f"Task marked {task.status}.", "task": task_schema.dump(task)}
 
 
 @bp.patch("/bulk-status")
@@ -129,9 +129,11 @@ def bulk_update_status():
     missing = [str(task_id) for task_id in task_ids if task_id not in found_ids]
     if missing:
         db.session.rollback()
-        raise APIError(f"{len(missing)} of the tasks do not exist; nothing was changed.", 404, {"not_found": missing})
+        raise APIError(
+            f"No task found for {len(missing)} of the ids; nothing was changed.", 404, {"not_found": missing}
+        )
     db.session.commit()
-    return {"message": f"{len(found_ids)} tasks {status}.", "updated": len(found_ids)}
+    return {"message": f"Status set to {status} for {len(found_ids)} task(s).", "updated": len(found_ids)}
 
 
 @bp.delete("/<uuid:task_id>")

@@ -4,7 +4,7 @@ each test inside a transaction that is rolled back (the app's commits become sav
 import os
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -18,8 +18,18 @@ from schemas import TaskSchema
 
 # Settings the app reads from the environment; tests start from none of them, whatever the shell has.
 APP_ENVIRONMENT = (
-    "APP_ENV", "DATABASE_URL", "INSTANCE_PATH", "AUTO_MIGRATE", "SECRET_KEY", "JWT_SECRET_KEY",
-    "PASSWORD_HASH_METHOD", "ADMIN_USERNAME", "ADMIN_EMAIL", "ADMIN_PASSWORD", "CORS_ORIGIN", "LOG_LEVEL",
+    "APP_ENV",
+    "DATABASE_URL",
+    "INSTANCE_PATH",
+    "AUTO_MIGRATE",
+    "SECRET_KEY",
+    "JWT_SECRET_KEY",
+    "PASSWORD_HASH_METHOD",
+    "ADMIN_USERNAME",
+    "ADMIN_EMAIL",
+    "ADMIN_PASSWORD",
+    "CORS_ORIGIN",
+    "LOG_LEVEL",
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()
@@ -147,7 +157,7 @@ def make_task(app, user):
         fields = {
             "entity_name": "ABC Corporation",
             "task_type": "Call",
-            "task_time": datetime(2025, 1, 15, 10, 0, tzinfo=timezone.utc),
+            "task_time": datetime(2025, 1, 15, 10, 0, tzinfo=UTC),
             "status": "open",
             "contact_person_id": uuid.UUID(user["id"]),
             "created_by_id": uuid.UUID(user["id"]),

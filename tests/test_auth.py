@@ -47,9 +47,7 @@ def test_register_stores_a_werkzeug_hash_not_the_password(app, client):
 
 
 def test_register_normalises_username_and_email_case(client):
-    response = client.post(
-        "/api/auth/register", json=NEW_USER | {"username": "  Carol ", "email": "Carol@Example.COM"}
-    )
+    response = client.post("/api/auth/register", json=NEW_USER | {"username": "  Carol ", "email": "Carol@Example.COM"})
 
     assert response.status_code == 201
     assert response.get_json()["user"]["username"] == "carol"
@@ -92,9 +90,7 @@ def test_register_rejects_unknown_fields(app, client):
 
 
 def test_register_duplicate_username_is_409(client, user):
-    body = assert_error(
-        client.post("/api/auth/register", json=NEW_USER | {"username": user["username"].upper()}), 409
-    )
+    body = assert_error(client.post("/api/auth/register", json=NEW_USER | {"username": user["username"].upper()}), 409)
 
     assert set(body["details"]) == {"username"}
 
@@ -172,7 +168,7 @@ def forge(claims: dict, header: dict, key: bytes = b"") -> str:
 
 def bad_tokens(app, user_id: str) -> dict:
     good = token_for(app, user_id)
-    header, payload, signature = good.split(".")
+    header, _, signature = good.split(".")
     claims = pyjwt.decode(good, options={"verify_signature": False})
     tampered_claims = base64.urlsafe_b64encode(json.dumps(claims | {"sub": str(uuid.uuid4())}).encode())
     return {
@@ -182,9 +178,7 @@ def bad_tokens(app, user_id: str) -> dict:
         "tampered payload": f"{header}.{tampered_claims.rstrip(b'=').decode()}.{signature}",
         "alg none": forge(claims, {"alg": "none", "typ": "JWT"}),
         "other key": pyjwt.encode(claims, "another-secret-that-is-long-enough-0123456789", algorithm="HS256"),
-        "not a uuid subject": pyjwt.encode(
-            claims | {"sub": "admin"}, app.config["JWT_SECRET_KEY"], algorithm="HS256"
-        ),
+        "not a uuid subject": pyjwt.encode(claims | {"sub": "admin"}, app.config["JWT_SECRET_KEY"], algorithm="HS256"),
     }
 
 

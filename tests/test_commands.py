@@ -68,7 +68,9 @@ def test_create_admin_is_listed_in_flask_help(runner):
 
 def development_app(database_url, tmp_path, **overrides):
     """The app as it starts in development: migrations applied, default admin on an empty database."""
-    return create_app(settings(database_url, tmp_path, **{"AUTO_MIGRATE": True, "ADMIN_PASSWORD": "admin123"} | overrides))
+    return create_app(
+        settings(database_url, tmp_path, **{"AUTO_MIGRATE": True, "ADMIN_PASSWORD": "admin123"} | overrides)
+    )
 
 
 def test_first_start_in_development_creates_the_documented_admin_and_warns(fresh_database_url, tmp_path, caplog):
@@ -157,9 +159,8 @@ def test_migrations_downgrade_to_an_empty_database(fresh_database_url, tmp_path)
 
 def test_db_check_fails_when_models_and_migrations_disagree(fresh_database_url, tmp_path):
     app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True))
-    with app.app_context():
-        with db.engine.begin() as connection:
-            connection.execute(sa.text("DROP INDEX ix_tasks_status"))
+    with app.app_context(), db.engine.begin() as connection:
+        connection.execute(sa.text("DROP INDEX ix_tasks_status"))
 
     result = app.test_cli_runner().invoke(args=["db", "check"])
 

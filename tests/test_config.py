@@ -3,7 +3,7 @@
 import re
 import stat
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 )
 def test_database_url_is_normalised_for_psycopg2(given, expected):
     assert normalise_database_url(given) == expected
-    assert Config({"DATABASE_URL": given}).SQLALCHEMY_DATABASE_URI == expected
+    assert expected == Config({"DATABASE_URL": given}).SQLALCHEMY_DATABASE_URI
 
 
 def test_defaults_need_no_environment():
@@ -63,7 +63,10 @@ def test_cors_origin_is_a_comma_separated_list():
 
 @pytest.mark.parametrize(
     ("environment", "message"),
-    [({"AUTO_MIGRATE": "sometimes"}, "AUTO_MIGRATE must be true or false"), ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be")],
+    [
+        ({"AUTO_MIGRATE": "sometimes"}, "AUTO_MIGRATE must be true or false"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be"),
+    ],
 )
 def test_a_malformed_setting_is_a_clear_error(environment, message):
     with pytest.raises(ConfigError, match=message):
@@ -217,7 +220,7 @@ def test_foreign_keys_are_enforced(app, user):
             Task(
                 entity_name="Orphan",
                 task_type="Call",
-                task_time=datetime.now(timezone.utc),
+                task_time=datetime.now(UTC),
                 contact_person_id=uuid.uuid4(),
             )
         )
@@ -253,3 +256,7 @@ def test_everything_but_login_register_health_needs_a_token(app, client):
             else:
                 assert_error(response, 401)
     assert {rule.rule for rule in rules} >= public
+
+
+def test_requests_without_origin_get_no_cors_headers(client):
+    assert not [name for name in client.get("/api/health").headers.keys() if name.startswith("Access-Control")]

@@ -24,10 +24,9 @@ def test_readme_curl_examples_work(start, environment):
     output = result.stdout
     assert '"database":"ok"' in output.replace(" ", "")
     assert output.count('"message":"Registration successful."') == 1
-    for expected in ("Task updated.", "Task closed.", "1 tasks open.", "Task deleted."):
+    for expected in ("Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted."):
         assert expected in output, expected
     assert "Internal server error" not in output
     assert output.count('"error":') == 4  # the four error examples, and nothing else failed
     server.stop()
     assert "Traceback" not in server.log.read_text()
-

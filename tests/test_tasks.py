@@ -1,7 +1,7 @@
 """Creating, reading, updating, deleting and bulk-closing single tasks (the list is in test_tasks_list.py)."""
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
@@ -336,7 +336,9 @@ def test_patch_status_rejects_bad_bodies(client, auth_headers, make_task, body):
 
 
 def test_patch_status_of_unknown_task_is_404(client, auth_headers):
-    assert_error(client.patch(f"/api/tasks/{uuid.uuid4()}/status", json={"status": "closed"}, headers=auth_headers), 404)
+    assert_error(
+        client.patch(f"/api/tasks/{uuid.uuid4()}/status", json={"status": "closed"}, headers=auth_headers), 404
+    )
 
 
 # Delete
@@ -372,7 +374,7 @@ def test_bulk_status_updates_every_task_in_one_update(app, client, auth_headers,
         )
 
     assert response.status_code == 200
-    assert response.get_json() == {"message": "5 tasks closed.", "updated": 5}
+    assert response.get_json() == {"message": "Status set to closed for 5 task(s).", "updated": 5}
     updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
     assert len(updates) == 1
     assert not [s for s in statements if s not in updates and "tasks" in s]
@@ -393,7 +395,7 @@ def test_bulk_status_with_an_unknown_id_is_404_and_changes_nothing(app, client, 
 
     body = assert_error(response, 404)
     assert body["details"] == {"not_found": [unknown]}
-    assert body["error"] == "1 of the tasks do not exist; nothing was changed."
+    assert body["error"] == "No task found for 1 of the ids; nothing was changed."
     assert [stored_task(app, task["id"]).status for task in tasks] == ["open", "open", "open"]
 
 
@@ -412,7 +414,9 @@ def test_bulk_status_keeps_updated_at_of_tasks_already_in_that_status(app, clien
     opened = make_task(status="open")
 
     client.patch(
-        "/api/tasks/bulk-status", json={"task_ids": [closed["id"], opened["id"]], "status": "closed"}, headers=auth_headers
+        "/api/tasks/bulk-status",
+        json={"task_ids": [closed["id"], opened["id"]], "status": "closed"},
+        headers=auth_headers,
     )
 
     assert stored_task(app, closed["id"]).updated_at.isoformat() == closed["updated_at"]
@@ -423,7 +427,7 @@ def test_bulk_status_accepts_1000_ids(app, client, auth_headers, user):
     with app.app_context():
         ids = [uuid.uuid4() for _ in range(1000)]
         db.session.add_all(
-            Task(id=task_id, entity_name="Bulk Co", task_type="Call", task_time=datetime.now(timezone.utc),
+            Task(id=task_id, entity_name="Bulk Co", task_type="Call", task_time=datetime.now(UTC),
                  contact_person_id=uuid.UUID(user["id"]), created_by_id=uuid.UUID(user["id"]))
             for task_id in ids
         )  # fmt: skip

@@ -1,13 +1,11 @@
 """GET /api/tasks: pagination, every filter, sorting, strict parameters, and a fixed number of statements."""
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from helpers import assert_error
-
-UTC = timezone.utc
 
 
 def listed(client, headers, query: str = "") -> dict:
