@@ -6,8 +6,10 @@ import re
 import uuid
 from collections.abc import Mapping
 
-from dotenv import load_dotenv
+import click
 from flask import Flask, g, request
+from flask.cli import load_dotenv
+from flask.helpers import get_load_dotenv
 from flask_cors import CORS
 from flask_migrate import Migrate
 
@@ -39,7 +41,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
-        allow_headers=["Authorization", "Content-Type"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         expose_headers=["X-Request-ID"],
         max_age=600,
         always_send=False,  # no Origin, no CORS headers: curl and servers are not browsers
@@ -50,9 +52,19 @@ def create_app(config: Mapping | None = None) -> Flask:
     register_error_handlers(app)
     register_request_id(app)
     app.cli.add_command(create_admin_command)
-
-    prepare_database(app)
     return app
+
+
+def serving() -> bool:
+    """Is the app being built to serve requests? Any `flask` command but `flask run` only runs that command."""
+    context = click.get_current_context(silent=True)
+    return context is None or context.info_name == "run"
+
+
+def load_env_file() -> None:
+    """Read `.env` as the `flask` command does (FLASK_SKIP_DOTENV=1 turns it off)."""
+    if get_load_dotenv():
+        load_dotenv()
 
 
 def configure_logging(app: Flask) -> None:
@@ -80,15 +92,20 @@ def __getattr__(name: str):
     # `app` is built on first use (gunicorn and flask look it up), not on import, so that tests
     # and tools can import create_app without building the development app and its database.
     if name == "app":
-        load_dotenv()
-        globals()["app"] = create_app()
-        return globals()["app"]
+        load_env_file()
+        application = create_app()
+        if serving():
+            prepare_database(application)
+        globals()["app"] = application
+        return application
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    load_dotenv()
-    create_app().run(
+    load_env_file()
+    application = create_app()
+    prepare_database(application)
+    application.run(
         host=os.environ.get("HOST", "127.0.0.1"),
         port=int(os.environ.get("PORT", "5000")),
         debug=parse_flag("FLASK_DEBUG", os.environ.get("FLASK_DEBUG"), default=False),

@@ -11,32 +11,40 @@ from marshmallow import ValidationError
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from config import ConfigError
+from config import DEFAULT_ADMIN_PASSWORD, ConfigError
 from models import User, db
 from routes.auth import create_user, duplicate_user
 from routes.errors import describe_validation
 from schemas import RegisterSchema
 
-DOCUMENTED_ADMIN_PASSWORD = "admin123"
+ADMIN_FULL_NAME = "Administrator"
 
 
-def admin_fields(username: str, email: str, password: str, full_name: str) -> dict:
+def admin_fields(username: str, email: str, password: str, full_name: str = ADMIN_FULL_NAME) -> dict:
     """The admin's details, checked by the same rules as a registration."""
     return RegisterSchema().load({"username": username, "email": email, "password": password, "full_name": full_name})
 
 
+def schema_exists() -> bool:
+    return inspect(db.engine).has_table(User.__tablename__)
+
+
 @click.command("create-admin")
-@click.option("--username", envvar="ADMIN_USERNAME", default="admin", show_default=True)
-@click.option("--email", envvar="ADMIN_EMAIL", default="admin@finstack.com", show_default=True)
-@click.option("--full-name", default="Administrator", show_default=True)
+@click.option("--username", help="Default: ADMIN_USERNAME, else admin.")
+@click.option("--email", help="Default: ADMIN_EMAIL, else admin@finstack.com.")
+@click.option("--full-name", default=ADMIN_FULL_NAME, show_default=True)
+# Only a password given on purpose: never the development default that the app's settings fall back to.
 @click.option("--password", envvar="ADMIN_PASSWORD", prompt=True, hide_input=True, confirmation_prompt=True)
 @with_appcontext
-def create_admin_command(username: str, email: str, full_name: str, password: str) -> None:
+def create_admin_command(username: str | None, email: str | None, full_name: str, password: str) -> None:
     """Create an administrator account (asks for the password unless ADMIN_PASSWORD is set)."""
+    config = current_app.config
     try:
-        data = admin_fields(username, email, password, full_name)
+        data = admin_fields(username or config["ADMIN_USERNAME"], email or config["ADMIN_EMAIL"], password, full_name)
     except ValidationError as error:
         raise click.UsageError(describe_validation(error.normalized_messages())) from None
+    if not schema_exists():
+        raise click.ClickException("The database has no tables yet: run `flask db upgrade` first.")
     create_user(**data)
     try:
         db.session.commit()
@@ -47,7 +55,7 @@ def create_admin_command(username: str, email: str, full_name: str, password: st
 
 
 def prepare_database(app: Flask) -> None:
-    """At start-up: apply pending migrations (when AUTO_MIGRATE) and create the first admin (when configured)."""
+    """Before serving: apply pending migrations (when AUTO_MIGRATE) and create the first admin (when configured)."""
     with app.app_context():
         if app.config["AUTO_MIGRATE"]:
             migrate_to_latest(app)
@@ -70,13 +78,11 @@ def migrate_to_latest(app: Flask) -> None:
 def create_first_admin(app: Flask) -> None:
     """Create the administrator from ADMIN_* settings, once: only while the database has no users at all."""
     try:
-        data = admin_fields(
-            app.config["ADMIN_USERNAME"], app.config["ADMIN_EMAIL"], app.config["ADMIN_PASSWORD"], "Administrator"
-        )
+        data = admin_fields(app.config["ADMIN_USERNAME"], app.config["ADMIN_EMAIL"], app.config["ADMIN_PASSWORD"])
     except ValidationError as error:
         raise ConfigError(f"ADMIN_* settings: {describe_validation(error.normalized_messages())}") from None
     try:
-        if not inspect(db.engine).has_table(User.__tablename__):
+        if not schema_exists():
             return  # `flask db upgrade` is about to create it; the next start creates the admin
         if db.session.scalar(select(User.id).limit(1)) is not None:
             return
@@ -87,13 +93,13 @@ def create_first_admin(app: Flask) -> None:
         return
     except OperationalError as error:
         db.session.rollback()
-        current_app.logger.error("Could not create the first administrator: %s", error)
+        app.logger.error("Could not create the first administrator: %s", error)
         return
-    if data["password"] == DOCUMENTED_ADMIN_PASSWORD:
-        current_app.logger.warning(
+    if data["password"] == DEFAULT_ADMIN_PASSWORD:
+        app.logger.warning(
             "Created the default administrator '%s' with the documented password '%s': change it now.",
             data["username"],
-            DOCUMENTED_ADMIN_PASSWORD,
+            DEFAULT_ADMIN_PASSWORD,
         )
     else:
-        current_app.logger.warning("Created the first administrator '%s' from ADMIN_* settings.", data["username"])
+        app.logger.warning("Created the first administrator '%s' from ADMIN_* settings.", data["username"])

@@ -11,6 +11,7 @@ from filelock import FileLock
 VERSION = "1.0.0"
 
 DEFAULT_CORS_ORIGINS = "http://localhost:4200,http://127.0.0.1:4200"
+DEFAULT_ADMIN_PASSWORD = "admin123"  # development only, documented, and warned about when used
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -29,9 +30,10 @@ def normalise_database_url(url: str) -> str:
 
 
 def engine_options(url: str) -> dict:
-    """Connection settings: bounded connect time and stale-connection checks on PostgreSQL."""
+    """Connection settings on PostgreSQL: bounded connect time, stale-connection checks, and sessions in UTC
+    whatever the server's default (timestamps near year 1 or 9999 only exist in UTC)."""
     if url.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"}}
     return {}
 
 
@@ -66,13 +68,15 @@ class Config:
         self.SECRET_KEY = env("SECRET_KEY")
         self.JWT_SECRET_KEY = env("JWT_SECRET_KEY")
         self.JWT_ACCESS_TOKEN_EXPIRES = timedelta(hours=24)
+        self.JWT_TOKEN_LOCATION = ["headers"]
+        self.JWT_COOKIE_CSRF_PROTECT = False  # bearer headers only: no cookies, so no CSRF claim to carry
         self.JWT_ALGORITHM = "HS256"
         self.JWT_DECODE_ALGORITHMS = ["HS256"]
         self.PASSWORD_HASH_METHOD = env("PASSWORD_HASH_METHOD", "scrypt")
 
         self.ADMIN_USERNAME = env("ADMIN_USERNAME", "admin")
         self.ADMIN_EMAIL = env("ADMIN_EMAIL", "admin@finstack.com")
-        self.ADMIN_PASSWORD = env("ADMIN_PASSWORD", None if production else "admin123")
+        self.ADMIN_PASSWORD = env("ADMIN_PASSWORD", None if production else DEFAULT_ADMIN_PASSWORD)
 
         self.CORS_ORIGINS = [
             origin.strip() for origin in env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS).split(",") if origin.strip()
@@ -104,7 +108,11 @@ def instance_secret(instance_path: str, name: str) -> str:
     path = folder / name
     # Every gunicorn worker starts at once; the lock makes exactly one of them write the file.
     with FileLock(folder / ".startup.lock"):
-        if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(48))
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        # Written aside and renamed into place, so a crash never leaves a half-written secret.
+        draft = folder / f".{name}.new"
+        draft.touch(mode=0o600)
+        draft.write_text(secrets.token_urlsafe(48))
+        os.replace(draft, path)
         return path.read_text().strip()

@@ -65,15 +65,20 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 
 
+def simple_lower(text):
+    """Lower case one character at a time, as PostgreSQL's lower() does: no final-sigma rule, and "İ" gives "i"."""
+    if not isinstance(text, str):
+        return text
+    return "".join(character.lower()[0] for character in text)
+
+
 @event.listens_for(Engine, "connect")
 def _configure_sqlite(dbapi_connection, _connection_record):
     """Make SQLite behave like PostgreSQL where the API depends on it."""
     if isinstance(dbapi_connection, sqlite3.Connection):
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
         # SQLite's own lower() folds ASCII only; case-insensitive filters must match "MÜLLER" too.
-        dbapi_connection.create_function(
-            "lower", 1, lambda text: text.lower() if isinstance(text, str) else text, deterministic=True
-        )
+        dbapi_connection.create_function("lower", 1, simple_lower, deterministic=True)
 
 
 class User(db.Model):

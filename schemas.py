@@ -16,14 +16,22 @@ READ_ONLY_TASK_FIELDS = ("id", "date_created", "updated_at", "created_by", "cont
 
 
 class String(fields.String):
-    """A string PostgreSQL can store: NUL characters are rejected, not left to fail in the database."""
+    """A string the database can store: NUL characters and lone surrogates (which JSON can carry in
+    ``\\ud800`` escapes) are rejected here rather than failing in the driver."""
 
-    default_error_messages = {"null_character": "Must not contain NUL characters."}
+    default_error_messages = {
+        "null_character": "Must not contain NUL characters.",
+        "not_unicode": "Must be valid Unicode text.",
+    }
 
     def _deserialize(self, value, attr, data, **kwargs):
         value = super()._deserialize(value, attr, data, **kwargs)
         if "\x00" in value:
             raise self.make_error("null_character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise self.make_error("not_unicode") from error
         return value
 
 
@@ -34,7 +42,36 @@ class Trimmed(String):
         return super()._deserialize(value, attr, data, **kwargs).strip()
 
 
-class UTCDateTime(fields.AwareDateTime):
+class Lowercase(Trimmed):
+    """A case-insensitive name, stored in lower case; validated after folding, which can lengthen it ("İ")."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs).lower()
+
+
+class QueryInteger(fields.Integer):
+    """A whole number written in ASCII digits, as a query string should carry it ("1_0" and " 1" are not)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class IdList(fields.List):
+    """Task ids; the count is checked before the ids, so a huge list costs one error rather than one per item."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fields.UUID(), **kwargs)
+        self.count = Length(min=1, max=MAX_BULK_IDS)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, list):
+            self.count(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class Timestamp(fields.AwareDateTime):
     """ISO 8601 in (no offset means UTC; an offset is converted to UTC), ISO 8601 with its offset out."""
 
     def __init__(self, **kwargs):
@@ -49,18 +86,18 @@ class UTCDateTime(fields.AwareDateTime):
 
 
 class DateOrDateTime(fields.Field):
-    """A bare ISO date (``2025-07-01``) loads as a ``date``; anything else must be an ISO 8601 timestamp."""
+    """An ISO 8601 date (``2025-07-01``, ``20250701``) loads as a ``date``; anything else must be an ISO 8601
+    timestamp."""
 
     default_error_messages = {"invalid": "Not a valid ISO 8601 date or date-time."}
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and len(value) == 10:
-            try:
-                return date.fromisoformat(value)
-            except ValueError as error:
-                raise self.make_error("invalid") from error
         try:
-            return UTCDateTime()._deserialize(value, attr, data, **kwargs)
+            return date.fromisoformat(value)
+        except (TypeError, ValueError):
+            pass
+        try:
+            return Timestamp()._deserialize(value, attr, data, **kwargs)
         except ValidationError as error:
             raise self.make_error("invalid") from error
 
@@ -75,11 +112,12 @@ class UserSchema(Schema):
     email = fields.String(dump_only=True)
     full_name = fields.String(dump_only=True)
     is_active = fields.Boolean(dump_only=True)
-    created_at = UTCDateTime(dump_only=True)
+    created_at = Timestamp(dump_only=True)
 
 
 class RegisterSchema(Schema):
-    username = Trimmed(
+    # Usernames and emails are case-insensitive: stored and compared in lower case.
+    username = Lowercase(
         required=True,
         validate=[
             Length(min=3, max=80),
@@ -89,40 +127,28 @@ class RegisterSchema(Schema):
             ),
         ],
     )
-    email = Trimmed(required=True, validate=[Length(max=255), Email()])
+    email = Lowercase(required=True, validate=[Length(max=255), Email()])
     password = String(required=True, load_only=True, validate=Length(min=8, max=128))
     full_name = Trimmed(required=True, validate=Length(min=1, max=120))
 
-    @post_load
-    def normalise_case(self, data, **kwargs):
-        # Usernames and emails are case-insensitive: store and compare them in lower case.
-        data["username"] = data["username"].lower()
-        data["email"] = data["email"].lower()
-        return data
-
 
 class LoginSchema(Schema):
-    username = Trimmed(required=True, validate=Length(min=1, max=255))
+    username = Lowercase(required=True, validate=Length(min=1, max=255))
     password = String(required=True, load_only=True, validate=Length(min=1, max=128))
-
-    @post_load
-    def normalise_case(self, data, **kwargs):
-        data["username"] = data["username"].lower()
-        return data
 
 
 class TaskSchema(Schema):
     id = fields.UUID(dump_only=True)
-    date_created = UTCDateTime(dump_only=True)
+    date_created = Timestamp(dump_only=True)
     entity_name = Trimmed(required=True, validate=Length(min=1, max=255))
     task_type = Trimmed(required=True, validate=Length(min=1, max=50))
-    task_time = UTCDateTime(required=True)
+    task_time = Timestamp(required=True)
     contact_person_id = fields.UUID(required=True, load_only=True)
     contact_person = fields.Nested(UserSchema, dump_only=True, allow_none=True)
     note = String(allow_none=True, validate=Length(max=10_000))
     status = String(validate=OneOf(TASK_STATUSES))
     created_by = fields.Nested(UserSchema, dump_only=True, allow_none=True)
-    updated_at = UTCDateTime(dump_only=True)
+    updated_at = Timestamp(dump_only=True)
 
     @pre_load
     def drop_read_only_fields(self, data, **kwargs):
@@ -136,7 +162,7 @@ class TaskStatusSchema(Schema):
 
 
 class BulkStatusSchema(Schema):
-    task_ids = fields.List(fields.UUID(), required=True, validate=Length(min=1, max=MAX_BULK_IDS))
+    task_ids = IdList(required=True)
     status = String(required=True, validate=OneOf(TASK_STATUSES))
 
 
@@ -149,8 +175,8 @@ class TaskQuerySchema(Schema):
     contact_person_id = fields.UUID()
     date_from = DateOrDateTime()
     date_to = DateOrDateTime()
-    page = fields.Integer(load_default=1, validate=Range(min=1, max=MAX_PAGE))
-    per_page = fields.Integer(load_default=20, validate=Range(min=1))
+    page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
+    per_page = QueryInteger(load_default=20, validate=Range(min=1))
     sort_by = String(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
     sort_order = String(load_default="desc", validate=OneOf(("asc", "desc")))
 

@@ -11,8 +11,12 @@ def load_json(schema: Schema) -> dict:
     """Validate the request's JSON object with ``schema``; anything that is not a JSON object is a 400."""
     if not request.is_json:
         raise APIError("Send a JSON object with the header 'Content-Type: application/json'.")
+    body = request.get_data()
+    if request.content_length is None and len(body) >= current_app.config["MAX_CONTENT_LENGTH"]:
+        # A streamed (chunked) body is cut at the limit without a word; reading on raises the 413.
+        request.stream.read(1)
     try:
-        data = current_app.json.loads(request.get_data())
+        data = current_app.json.loads(body)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise APIError("The request body is not valid JSON.", details={"body": [str(error)[:200]]}) from error
     if not isinstance(data, dict):

@@ -37,9 +37,10 @@ def assignee_counts() -> list[dict]:
     """Tasks per assignee by full name; tasks whose assignee was deleted count as "Unassigned"."""
     count = func.count().label("count")
     rows = db.session.execute(
-        select(Task.contact_person_id, User.full_name, count)
+        select(User.id, User.full_name, count)
+        .select_from(Task)
         .outerjoin(User, Task.contact_person_id == User.id)
-        .group_by(Task.contact_person_id, User.full_name)
+        .group_by(User.id, User.full_name)
         .order_by(count.desc(), User.full_name.asc().nulls_last())
     )
     return [

@@ -1,11 +1,14 @@
 """Registration, login and the current user; the JWT identity wiring lives here too."""
 
+import secrets
 import uuid
+from functools import cache
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 from flask_jwt_extended import JWTManager, create_access_token, current_user, jwt_required
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from models import User, db
 from routes import load_json
@@ -55,6 +58,22 @@ def duplicate_user(username: str, email: str) -> APIError:
     return APIError(message, 409, details)
 
 
+@cache
+def stand_in_hash(method: str) -> str:
+    """A hash of a random password, to check when the username is unknown."""
+    return generate_password_hash(secrets.token_urlsafe(), method=method)
+
+
+def authenticate(username: str, password: str) -> User | None:
+    """The active user with these credentials. An unknown username costs the same hash check as a wrong
+    password, so response times do not tell which usernames exist."""
+    user = db.session.scalar(select(User).where(User.username == username))
+    if user is None:
+        check_password_hash(stand_in_hash(current_app.config["PASSWORD_HASH_METHOD"]), password)
+        return None
+    return user if user.check_password(password) and user.is_active else None
+
+
 def session_response(message: str, user: User) -> dict:
     return {"message": message, "user": user_schema.dump(user), "access_token": create_access_token(user)}
 
@@ -77,8 +96,8 @@ def register():
 def login():
     """Exchange a username and password for an access token."""
     data = load_json(LoginSchema())
-    user = db.session.scalar(select(User).where(User.username == data["username"]))
-    if user is None or not user.check_password(data["password"]) or not user.is_active:
+    user = authenticate(data["username"], data["password"])
+    if user is None:
         raise APIError("Invalid username or password.", 401)
     return session_response("Login successful.", user)
 

@@ -1,9 +1,12 @@
 """One error shape for everything that can go wrong: ``{"error": sentence, "details": {...}}``."""
 
+import sqlite3
+
 from flask import Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import HTTPException
 
 from models import db
@@ -14,6 +17,11 @@ HTTP_MESSAGES = {
     405: "Method not allowed on this URL.",
     413: "Request body too large: the limit is 1 MB.",
 }
+# PostgreSQL error classes that mean "try again later" rather than "this request is wrong":
+# connection exceptions, transaction rollbacks (deadlock, serialization), resources, operator intervention.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+TRANSIENT_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
+NAMED_FIELDS = 5
 
 
 class APIError(Exception):
@@ -33,17 +41,29 @@ def error_response(message: str, status: int, details: dict | None = None):
 
 
 def describe_validation(messages) -> str:
-    """A sentence naming every field that failed, for the person in front of the client."""
-    if isinstance(messages, dict):
-        parts = []
-        for field, problems in messages.items():
-            first = problems[0] if isinstance(problems, list) and problems else "Invalid value."
-            if isinstance(first, str):
-                parts.append(first if field == "_schema" else f"{field}: {first}")
-            else:
-                parts.append(f"{field}: Invalid value.")
-        return "Invalid input. " + " ".join(parts)
-    return "Invalid input."
+    """A sentence naming the fields that failed (the first few), for the person in front of the client."""
+    if not isinstance(messages, dict):
+        return "Invalid input."
+    parts = []
+    for field, problems in list(messages.items())[:NAMED_FIELDS]:
+        first = problems[0] if isinstance(problems, list) and problems else None
+        if not isinstance(first, str):
+            first = "Invalid value."
+        parts.append(first if field == "_schema" else f"{field}: {first}")
+    if len(messages) > NAMED_FIELDS:
+        parts.append(f"({len(messages) - NAMED_FIELDS} more in details.)")
+    return "Invalid input. " + " ".join(parts)
+
+
+def is_transient(error: Exception) -> bool:
+    """Is this database error the database being out of reach or busy, rather than a fault in a statement?"""
+    if isinstance(error, PoolTimeoutError | InterfaceError) or getattr(error, "connection_invalidated", False):
+        return True
+    original = getattr(error, "orig", None)
+    if isinstance(original, sqlite3.Error):
+        return getattr(original, "sqlite_errorname", "") in TRANSIENT_SQLITE_ERRORS
+    sqlstate = getattr(original, "pgcode", None)
+    return sqlstate is None or sqlstate.startswith(TRANSIENT_SQLSTATE_CLASSES)  # no SQLSTATE: no server answer
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -74,25 +94,28 @@ def register_error_handlers(app: Flask) -> None:
         current_app.logger.warning("Integrity error on %s %s: %s", request.method, request.path, error.orig)
         return error_response("The request conflicts with existing data.", 409)
 
+    @app.errorhandler(StaleDataError)
+    def handle_vanished_row(error: StaleDataError):
+        db.session.rollback()  # another request deleted the row this one was changing
+        return error_response("Not found: it was deleted while this request was changing it.", 404)
+
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     @app.errorhandler(PoolTimeoutError)
-    def handle_database_unavailable(error: Exception):
+    def handle_database_error(error: DBAPIError | PoolTimeoutError):
+        if not is_transient(error):
+            return handle_unexpected_error(error)
         db.session.rollback()
         current_app.logger.error(
-            "Database unavailable on %s %s (request %s): %s",
-            request.method,
-            request.path,
-            g.get("request_id"),
-            error,
+            "Database unavailable on %s %s (request %s): %s", request.method, request.path, g.get("request_id"), error
         )
-        return error_response("The database is unavailable; try again shortly.", 503)
+        return error_response("The database is unavailable or busy; try again shortly.", 503)
 
     @app.errorhandler(Exception)
     def handle_unexpected_error(error: Exception):
         db.session.rollback()
-        current_app.logger.exception(
-            "Unhandled error on %s %s (request %s)", request.method, request.path, g.get("request_id")
+        current_app.logger.error(
+            "Unhandled error on %s %s (request %s)", request.method, request.path, g.get("request_id"), exc_info=error
         )
         return error_response(
             "Internal server error; the team has been notified.", 500, {"request_id": g.get("request_id")}

@@ -5,7 +5,7 @@ import uuid
 from flask import Blueprint
 from flask_jwt_extended import current_user
 from marshmallow import ValidationError
-from sqlalchemy import Select, case, literal, select, update
+from sqlalchemy import Select, case, delete, func, literal, select, update
 
 from models import Task, User, UTCDateTime, db, utcnow
 from routes import load_args, load_json, require_login
@@ -16,6 +16,8 @@ bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 bp.before_request(require_login)
 
 task_schema = TaskSchema()
+# Text sorts ignore case, as people expect and as both databases then agree ("abc" beside "ABC Corp").
+CASE_INSENSITIVE_SORTS = ("entity_name", "task_type")
 
 
 def filter_tasks(args: dict) -> Select:
@@ -36,6 +38,18 @@ def filter_tasks(args: dict) -> Select:
     if "created_before" in args:
         stmt = stmt.where(Task.date_created < args["created_before"])
     return stmt
+
+
+def sort_keys(sort_by: str, descending: bool) -> list:
+    """ORDER BY for the list; Task.id last, so ties come in a stable order and pages never overlap."""
+    column = getattr(Task, sort_by)
+    keys = [func.lower(column), column, Task.id] if sort_by in CASE_INSENSITIVE_SORTS else [column, Task.id]
+    return [key.desc() if descending else key.asc() for key in keys]
+
+
+def task_for_update(task_id: uuid.UUID) -> Task:
+    """The task, locked until the commit, so concurrent edits and deletes of it wait their turn."""
+    return db.get_or_404(Task, task_id, description="Task not found.", with_for_update={"of": Task})
 
 
 def active_user(user_id: uuid.UUID) -> User:
@@ -61,10 +75,7 @@ def pagination(page) -> dict:
 def list_tasks():
     """A page of tasks, filtered and sorted as the query string asks."""
     args = load_args(TaskQuerySchema())
-    descending = args["sort_order"] == "desc"
-    # Task.id last: ties still come in a stable order, so pages never overlap or skip.
-    order = [c.desc() if descending else c.asc() for c in (getattr(Task, args["sort_by"]), Task.id)]
-    stmt = filter_tasks(args).order_by(*order)
+    stmt = filter_tasks(args).order_by(*sort_keys(args["sort_by"], args["sort_order"] == "desc"))
     page = db.paginate(stmt, page=args["page"], per_page=args["per_page"], error_out=False)
     return {"tasks": task_schema.dump(page.items, many=True), "pagination": pagination(page)}
 
@@ -89,7 +100,7 @@ def get_task(task_id: uuid.UUID):
 @bp.put("/<uuid:task_id>")
 def update_task(task_id: uuid.UUID):
     """Change any subset of a task's fields; ``note: null`` clears the note."""
-    task = db.get_or_404(Task, task_id, description="Task not found.")
+    task = task_for_update(task_id)
     data = load_json(TaskSchema(partial=True))
     if not data:
         raise APIError("Nothing to update: send at least one task field.")
@@ -104,7 +115,7 @@ def update_task(task_id: uuid.UUID):
 @bp.patch("/<uuid:task_id>/status")
 def update_task_status(task_id: uuid.UUID):
     """Open or close a task."""
-    task = db.get_or_404(Task, task_id, description="Task not found.")
+    task = task_for_update(task_id)
     task.status = load_json(TaskStatusSchema())["status"]
     db.session.commit()
     return {"message": f"Task marked {task.status}.", "task": task_schema.dump(task)}
@@ -118,9 +129,11 @@ def bulk_update_status():
     status = data["status"]
     # Tasks already in that status keep their updated_at: nothing about them changed.
     touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
+    # Rows are locked in id order, so two bulk updates over overlapping ids queue instead of deadlocking.
+    locked = select(Task.id).where(Task.id.in_(task_ids)).order_by(Task.id).with_for_update().subquery()
     found = db.session.scalars(
         update(Task)
-        .where(Task.id.in_(task_ids))
+        .where(Task.id == locked.c.id)
         .values(status=status, updated_at=touched_at)
         .returning(Task.id)
         .execution_options(synchronize_session=False)
@@ -138,7 +151,11 @@ def bulk_update_status():
 
 @bp.delete("/<uuid:task_id>")
 def delete_task(task_id: uuid.UUID):
-    """Delete a task for good."""
-    db.session.delete(db.get_or_404(Task, task_id, description="Task not found."))
+    """Delete a task for good; of two deletes at once, one gets a 404."""
+    deleted = db.session.scalar(
+        delete(Task).where(Task.id == task_id).returning(Task.id).execution_options(synchronize_session=False)
+    )
+    if deleted is None:
+        raise APIError("Task not found.", 404)
     db.session.commit()
     return {"message": "Task deleted."}

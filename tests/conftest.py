@@ -223,6 +223,7 @@ def environment(fresh_database_url, tmp_path) -> dict:
         "DATABASE_URL": fresh_database_url,
         "INSTANCE_PATH": str(tmp_path / "instance"),
         "LOG_LEVEL": "INFO",
+        "FLASK_SKIP_DOTENV": "1",  # a developer's .env must not leak into the servers under test
     }
 
 

@@ -1,12 +1,16 @@
 """`flask` commands, the first administrator, and the migrations that build the schema."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
 
 from app import create_app
-from helpers import settings
+from commands import prepare_database
+from config import ConfigError
+from helpers import ROOT, settings
 from models import User, db
 
 
@@ -17,9 +21,6 @@ def users(app) -> list[str]:
 
 def login(app, username: str, password: str) -> int:
     return app.test_client().post("/api/auth/login", json={"username": username, "password": password}).status_code
-
-
-# create-admin
 
 
 def test_create_admin_creates_a_user_who_can_log_in(app, runner):
@@ -63,14 +64,16 @@ def test_create_admin_is_listed_in_flask_help(runner):
     assert "Create an administrator account" in result.output
 
 
-# The first administrator, created at start-up
+def started(app):
+    """The app after the start-up steps that serving runs (migrations, first admin)."""
+    prepare_database(app)
+    return app
 
 
 def development_app(database_url, tmp_path, **overrides):
     """The app as it starts in development: migrations applied, default admin on an empty database."""
-    return create_app(
-        settings(database_url, tmp_path, **{"AUTO_MIGRATE": True, "ADMIN_PASSWORD": "admin123"} | overrides)
-    )
+    development = {"AUTO_MIGRATE": True, "ADMIN_PASSWORD": "admin123"}
+    return started(create_app(settings(database_url, tmp_path, **development | overrides)))
 
 
 def test_first_start_in_development_creates_the_documented_admin_and_warns(fresh_database_url, tmp_path, caplog):
@@ -111,23 +114,18 @@ def test_production_creates_an_admin_only_from_admin_settings(fresh_database_url
     monkeypatch.setenv("JWT_SECRET_KEY", "j" * 40)
     monkeypatch.setenv("PASSWORD_HASH_METHOD", "scrypt:1024:8:1")
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
-    migrated = create_app({"AUTO_MIGRATE": True})
+    migrated = started(create_app({"AUTO_MIGRATE": True}))
     assert users(migrated) == []
 
     monkeypatch.setenv("ADMIN_USERNAME", "ops")
     monkeypatch.setenv("ADMIN_PASSWORD", "0ps-password")
 
-    assert users(create_app()) == ["ops"]
+    assert users(started(create_app())) == ["ops"]
 
 
 def test_invalid_admin_settings_stop_the_start(fresh_database_url, tmp_path):
-    from config import ConfigError
-
     with pytest.raises(ConfigError, match="ADMIN_"):
         development_app(fresh_database_url, tmp_path, ADMIN_USERNAME="not valid!")
-
-
-# Migrations
 
 
 def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp_path):
@@ -148,7 +146,7 @@ def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp
 
 
 def test_migrations_downgrade_to_an_empty_database(fresh_database_url, tmp_path):
-    app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True))
+    app = started(create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True)))
 
     result = app.test_cli_runner().invoke(args=["db", "downgrade", "base"])
 
@@ -158,10 +156,92 @@ def test_migrations_downgrade_to_an_empty_database(fresh_database_url, tmp_path)
 
 
 def test_db_check_fails_when_models_and_migrations_disagree(fresh_database_url, tmp_path):
-    app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True))
+    app = started(create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True)))
     with app.app_context(), db.engine.begin() as connection:
         connection.execute(sa.text("DROP INDEX ix_tasks_status"))
 
     result = app.test_cli_runner().invoke(args=["db", "check"])
 
     assert result.exit_code != 0
+
+
+def flask(*args: str, env: dict, input: str | None = None) -> subprocess.CompletedProcess:
+    """`flask ...` as a person types it in the project folder."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", *args],
+        cwd=ROOT,
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_flask_commands_do_no_start_up_work(environment, tmp_path):
+    environment = environment | {"DATABASE_URL": "sqlite:///finstack.db"}  # the default, in the instance folder
+
+    assert flask("--help", env=environment).returncode == 0
+    assert flask("routes", env=environment).returncode == 0
+
+    assert not (tmp_path / "instance" / "finstack.db").exists()
+
+
+def test_flask_create_admin_in_development_creates_only_that_admin(environment, fresh_database_url):
+    assert flask("db", "upgrade", env=environment).returncode == 0
+
+    result = flask(
+        "create-admin",
+        "--username",
+        "boss",
+        "--email",
+        "boss@finstack.com",
+        env=environment,
+        input="b0ss-pass\nb0ss-pass\n",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert database_users(fresh_database_url) == ["boss"]
+
+
+def test_flask_create_admin_in_production_as_the_readme_says(environment, fresh_database_url):
+    production = environment | {
+        "APP_ENV": "production",
+        "SECRET_KEY": "s" * 40,
+        "JWT_SECRET_KEY": "j" * 40,
+        "ADMIN_USERNAME": "ops",
+        "ADMIN_EMAIL": "ops@finstack.com",
+        "ADMIN_PASSWORD": "0ps-password",
+    }
+    assert flask("db", "upgrade", env=production).returncode == 0
+
+    result = flask("create-admin", env=production)
+
+    assert result.returncode == 0, result.stderr
+    assert "Created administrator 'ops'" in result.stdout
+    assert database_users(fresh_database_url) == ["ops"]
+
+
+def test_flask_create_admin_before_migrating_says_what_to_do(environment, fresh_database_url):
+    result = flask("create-admin", "--password", "long-enough-1", env=environment)
+
+    assert result.returncode == 1
+    assert "run `flask db upgrade` first" in result.stderr
+
+
+def test_flask_db_upgrade_sql_only_prints(environment, fresh_database_url):
+    result = flask("db", "upgrade", "--sql", env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE tasks" in result.stdout
+    engine = sa.create_engine(fresh_database_url)
+    assert sa.inspect(engine).get_table_names() == []
+    engine.dispose()
+
+
+def database_users(url: str) -> list[str]:
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        names = connection.execute(sa.text("SELECT username FROM app_users ORDER BY username")).scalars().all()
+    engine.dispose()
+    return names
