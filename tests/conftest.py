@@ -2,6 +2,7 @@
 each test inside a transaction that is rolled back (the app's commits become savepoints)."""
 
 import os
+import socket
 import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -44,19 +45,30 @@ def schema_engine() -> sa.Engine:
     return sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 5, "options": "-c lock_timeout=10s"})
 
 
+def postgres_listening(url: str) -> bool:
+    address = sa.make_url(url)
+    try:
+        socket.create_connection((address.host or "127.0.0.1", address.port or 5432), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def pytest_sessionstart(session):
-    """Create the PostgreSQL schema once; an unreachable server skips the run, or fails it when CI=true."""
+    """Create the PostgreSQL schema once. No server listening skips the run (fails it when CI=true); a server
+    that refuses the connection (no such database, wrong password) always fails it."""
     if POSTGRES_URL is None:
         return
+    if not postgres_listening(POSTGRES_URL):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.exit(f"No PostgreSQL listening for {POSTGRES_URL}, and CI=true.", returncode=1)
+        pytest.exit(f"No PostgreSQL listening for {POSTGRES_URL}; skipping the PostgreSQL run.", returncode=0)
     engine = schema_engine()
     try:
         with engine.connect():
             pass
     except sa.exc.OperationalError as error:
-        engine.dispose()
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.exit(f"PostgreSQL at {POSTGRES_URL} is unreachable and CI=true: {error}", returncode=1)
-        pytest.exit(f"PostgreSQL at {POSTGRES_URL} is unreachable; skipping the PostgreSQL run.", returncode=0)
+        pytest.exit(f"PostgreSQL at {POSTGRES_URL} refused the connection: {error}", returncode=1)
     db.metadata.drop_all(engine)
     db.metadata.create_all(engine)
     engine.dispose()

@@ -23,9 +23,10 @@ FAST_HASH = "scrypt:1024:8:1"
 PASSWORD = "correct-horse-battery"
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
-# The server as development runs it: several workers, each building the app at once.
+# The server as development runs it: several workers, each building the app at once; and as `make run` does.
 GUNICORN = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:{port}",
             "--no-control-socket", "app:app"]  # fmt: skip
+DEV_SERVER = [sys.executable, "app.py"]
 
 
 def settings(database_url: str, tmp_path, **overrides) -> dict:
@@ -97,15 +98,17 @@ class Server:
         self.wait_until_healthy()
 
     def wait_until_healthy(self, timeout: float = 60):
+        """Wait for this process to say it listens on our port (not some other server), then for a healthy answer."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if call("GET", f"{self.url}/api/health")[0] == 200:
-                    return
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
+            if f"127.0.0.1:{self.port}" in self.log.read_text():
+                try:
+                    if call("GET", f"{self.url}/api/health")[0] == 200:
+                        return
+                except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                    pass
             time.sleep(0.2)
         self.stop()
         pytest.fail(f"server not healthy after {timeout}s:\n{self.log.read_text()}")

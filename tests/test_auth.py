@@ -6,6 +6,8 @@ from datetime import timedelta
 import jwt as pyjwt
 import pytest
 
+import models
+import routes.auth
 from helpers import assert_error, token_for
 from models import User, db
 
@@ -76,6 +78,9 @@ def test_register_requires_each_field(client, field):
         ("password", "x" * 129),
         ("full_name", "   "),
         ("full_name", "nul\x00byte"),
+        ("full_name", "lone \ud800 surrogate"),
+        ("password", "surrogate\udc80pass"),
+        ("email", "İ" * 200 + "@example.com"),  # 212 characters, 412 once lower-cased
     ],
 )
 def test_register_rejects_invalid_values(client, field, value):
@@ -138,6 +143,36 @@ def test_login_of_deactivated_user_is_401(client, make_user):
     inactive = make_user("dave", is_active=False)
 
     assert_error(client.post("/api/auth/login", json={"username": "dave", "password": inactive["password"]}), 401)
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{"username": "alice", "password": "\ud800"}, {"username": "\udc80", "password": "whatever-it-is"}],
+)
+def test_login_with_lone_surrogates_is_400(client, user, credentials):
+    assert_error(client.post("/api/auth/login", json=credentials), 400)
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "active"),
+    [("alice", "correct-horse-battery", True), ("alice", "wrong-password", True), ("nobody", "any-password", True),
+     ("dave", "correct-horse-battery", False)],
+    ids=["right password", "wrong password", "unknown user", "deactivated user"],
+)  # fmt: skip
+def test_login_checks_one_password_hash_whoever_asks(client, make_user, monkeypatch, username, password, active):
+    make_user("alice")
+    make_user("dave", is_active=False)
+    checks = []
+
+    def counting(original):
+        return lambda *args: checks.append(1) or original(*args)
+
+    monkeypatch.setattr("models.check_password_hash", counting(models.check_password_hash))
+    monkeypatch.setattr("routes.auth.check_password_hash", counting(routes.auth.check_password_hash))
+
+    client.post("/api/auth/login", json={"username": username, "password": password})
+
+    assert len(checks) == 1
 
 
 @pytest.mark.parametrize("field", ["username", "password"])

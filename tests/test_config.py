@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from app import create_app
+from commands import prepare_database
 from config import Config, ConfigError, normalise_database_url
 from helpers import assert_error, settings
 from models import Task, db
@@ -80,9 +82,6 @@ def test_env_example_documents_every_setting():
     assert read <= documented, read - documented
 
 
-# Secrets
-
-
 def test_development_generates_secrets_once_and_keeps_them(tmp_path):
     config = settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, SECRET_KEY=None, JWT_SECRET_KEY=None)
 
@@ -98,6 +97,17 @@ def test_development_generates_secrets_once_and_keeps_them(tmp_path):
     )
     secret_file = tmp_path / "instance" / "jwt_secret_key"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+
+
+def test_an_empty_secret_file_is_replaced(tmp_path):
+    (tmp_path / "instance").mkdir()
+    (tmp_path / "instance" / "jwt_secret_key").write_text("")
+    config = settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, JWT_SECRET_KEY=None)
+
+    app = create_app(config)
+
+    assert len(app.config["JWT_SECRET_KEY"]) >= 32
+    assert (tmp_path / "instance" / "jwt_secret_key").read_text() == app.config["JWT_SECRET_KEY"]
 
 
 def test_token_from_before_a_restart_stays_valid(tmp_path):
@@ -159,16 +169,13 @@ def test_importing_app_module_builds_nothing():
     assert "app" not in vars(app_module)
 
 
-# CORS
-
-
 def preflight(client, origin: str, path: str = "/api/tasks", method: str = "POST"):
     return client.options(
         path,
         headers={
             "Origin": origin,
             "Access-Control-Request-Method": method,
-            "Access-Control-Request-Headers": "Authorization, Content-Type",
+            "Access-Control-Request-Headers": "Authorization, Content-Type, X-Request-ID",
         },
     )
 
@@ -180,7 +187,7 @@ def test_preflight_from_an_allowed_origin_is_granted(client, origin):
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == origin
     allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
-    assert {"authorization", "content-type"} <= allowed
+    assert {"authorization", "content-type", "x-request-id"} <= allowed
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
 
 
@@ -200,18 +207,14 @@ def test_cors_headers_are_on_error_responses_too(client):
     assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:4200"
 
 
-def test_cors_origins_come_from_the_environment(tmp_path):
-    app = create_app(
-        settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, CORS_ORIGINS=["https://app.finstack.com"])
-    )
+def test_cors_origins_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORS_ORIGIN", "https://app.finstack.com,https://staging.finstack.com")
+    app = create_app(settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path))
 
     assert preflight(app.test_client(), "https://app.finstack.com").headers["Access-Control-Allow-Origin"] == (
         "https://app.finstack.com"
     )
     assert "Access-Control-Allow-Origin" not in preflight(app.test_client(), "http://localhost:4200").headers
-
-
-# Database wiring
 
 
 def test_foreign_keys_are_enforced(app, user):
@@ -260,3 +263,26 @@ def test_everything_but_login_register_health_needs_a_token(app, client):
 
 def test_requests_without_origin_get_no_cors_headers(client):
     assert not [name for name in client.get("/api/health").headers.keys() if name.startswith("Access-Control")]
+
+
+def test_extreme_timestamps_survive_a_server_whose_time_zone_is_not_utc(fresh_database_url, tmp_path):
+    if fresh_database_url.startswith("postgresql"):
+        server = sa.create_engine(fresh_database_url, isolation_level="AUTOCOMMIT")
+        with server.connect() as connection:
+            name = sa.make_url(fresh_database_url).database
+            connection.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET timezone = 'Pacific/Kiritimati'")
+        server.dispose()
+    app = create_app(settings(fresh_database_url, tmp_path, AUTO_MIGRATE=True, ADMIN_PASSWORD="admin-pass-1"))
+    prepare_database(app)
+    client = app.test_client()
+    login = client.post("/api/auth/login", json={"username": "admin", "password": "admin-pass-1"}).get_json()
+    headers = {"Authorization": f"Bearer {login['access_token']}"}
+
+    for moment in ("9999-12-31T23:59:59.999999+00:00", "0001-01-01T00:00:00+00:00"):
+        task = {"entity_name": "Edge", "task_type": "Call", "task_time": moment}
+        task["contact_person_id"] = login["user"]["id"]
+        created = client.post("/api/tasks", json=task, headers=headers)
+        assert created.status_code == 201, created.get_json()
+        fetched = client.get(f"/api/tasks/{created.get_json()['task']['id']}", headers=headers)
+        assert fetched.status_code == 200 and fetched.get_json()["task"]["task_time"] == moment
+    assert client.get("/api/tasks?sort_by=task_time", headers=headers).status_code == 200

@@ -1,10 +1,15 @@
 """The one error envelope, for every kind of bad request and for failures of our own."""
 
+import io
+import json
 import logging
+import uuid
 
 import pytest
+from sqlalchemy import text
 
 from helpers import assert_error
+from models import db
 
 VALID_TASK = {"entity_name": "ABC", "task_type": "Call", "task_time": "2025-01-01T10:00:00Z"}
 
@@ -25,6 +30,22 @@ def test_body_over_1_mb_is_413(client, auth_headers):
     body = b'{"note": "' + b"x" * (1024 * 1024) + b'"}'
 
     response = client.post("/api/tasks", data=body, content_type="application/json", headers=auth_headers)
+
+    assert_error(response, 413)
+
+
+@pytest.mark.parametrize("padding", [1024 * 1024, 2 * 1024 * 1024])
+def test_streamed_body_over_1_mb_is_413_not_cut_short(client, auth_headers, other_user, padding):
+    task = {"entity_name": "X", "task_type": "Call", "task_time": "2025-01-01", "contact_person_id": other_user["id"]}
+    body = json.dumps(task).encode() + b" " * padding  # valid JSON within the first megabyte
+
+    response = client.post(
+        "/api/tasks",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        headers=auth_headers | {"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},  # what gunicorn says for a chunked body
+    )
 
     assert_error(response, 413)
 
@@ -100,3 +121,41 @@ def test_request_id_is_generated_when_missing_or_unsafe(client):
 
     assert len(generated) == 32
     assert replaced != "bad id <script>" and len(replaced) == 32
+
+
+def test_huge_id_list_gets_one_short_error(client, auth_headers):
+    body = {"task_ids": [0] * 200_000, "status": "closed"}
+
+    response = client.patch("/api/tasks/bulk-status", json=body, headers=auth_headers)
+
+    assert_error(response, 400, "task_ids")
+    assert response.get_json()["details"] == {"task_ids": ["Length must be between 1 and 1000."]}
+
+
+def test_many_unknown_fields_name_a_few_in_the_sentence(client):
+    body = {f"field{n}": n for n in range(50)} | {"username": "alice", "password": "secret-enough"}
+
+    error = assert_error(client.post("/api/auth/login", json=body), 400)
+
+    assert len(error["details"]) == 50
+    assert "45 more in details" in error["error"] and len(error["error"]) < 300
+
+
+def test_a_database_error_that_is_a_bug_is_a_500_not_a_503(app, client, auth_headers, caplog):
+    with app.app_context():
+        db.session.execute(text("DROP TABLE tasks"))
+        db.session.commit()
+
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/api/tasks", headers=auth_headers)
+
+    assert_error(response, 500)
+    assert any(record.exc_info for record in caplog.records if "Unhandled error" in record.getMessage())
+
+
+def test_deleting_twice_is_404_the_second_time(client, auth_headers, make_task):
+    task = make_task()
+
+    assert client.delete(f"/api/tasks/{task['id']}", headers=auth_headers).status_code == 200
+    assert_error(client.delete(f"/api/tasks/{task['id']}", headers=auth_headers), 404)
+    assert_error(client.delete(f"/api/tasks/{uuid.uuid4()}", headers=auth_headers), 404)

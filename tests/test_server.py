@@ -1,13 +1,15 @@
 """The app served for real: gunicorn with several workers (and `python app.py`) on a fresh database."""
 
+import random
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import GUNICORN, ROOT, WORKERS, call
+from helpers import DEV_SERVER, GUNICORN, ROOT, WORKERS, call
 
 
 def test_workers_starting_together_migrate_and_create_one_admin(start, environment, fresh_database_url, tmp_path):
@@ -66,7 +68,7 @@ def test_a_token_works_on_every_worker_and_after_a_restart(start, environment):
 
 
 def test_python_app_py_serves_the_api(start, environment):
-    server = start([sys.executable, "app.py"], environment)
+    server = start(DEV_SERVER, environment)
 
     status, body = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})
 
@@ -108,3 +110,54 @@ def test_production_without_secrets_refuses_to_start_with_a_clear_message(produc
 
     assert result.returncode != 0
     assert "JWT_SECRET_KEY must be set when APP_ENV=production." in result.stderr.decode()
+
+
+def admin_session(server) -> tuple[str, str]:
+    """The default admin's token and id."""
+    body = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1]
+    return body["access_token"], body["user"]["id"]
+
+
+def create_tasks(server, token: str, assignee: str, count: int) -> list[str]:
+    task = {"entity_name": "Race Co", "task_type": "Call", "task_time": "2025-01-01", "contact_person_id": assignee}
+    return [call("POST", f"{server.url}/api/tasks", task, token)[1]["task"]["id"] for _ in range(count)]
+
+
+def test_overlapping_bulk_updates_all_succeed(start, environment):
+    server = start(GUNICORN, environment)
+    token, admin_id = admin_session(server)
+    ids = create_tasks(server, token, admin_id, 150)
+    shuffle = random.Random(2026)
+    batches = [(shuffle.sample(ids, 120), ("open", "closed")[n % 2]) for n in range(144)]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(
+            pool.map(
+                lambda batch: call("PATCH", f"{server.url}/api/tasks/bulk-status",
+                                   {"task_ids": batch[0], "status": batch[1]}, token),
+                batches,
+            )
+        )  # fmt: skip
+
+    assert [status for status, _ in results] == [200] * len(batches), [b for s, b in results if s != 200][:3]
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_edits_racing_deletes_answer_200_or_404(start, environment):
+    server = start(GUNICORN, environment)
+    token, admin_id = admin_session(server)
+    ids = create_tasks(server, token, admin_id, 40)
+    operations = [("DELETE", f"/api/tasks/{task_id}", None) for task_id in ids]
+    operations += [("PUT", f"/api/tasks/{task_id}", {"note": "edited"}) for task_id in ids]
+    operations += [("PATCH", f"/api/tasks/{task_id}/status", {"status": "closed"}) for task_id in ids]
+    random.Random(7).shuffle(operations)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda op: (op[0], *call(op[0], f"{server.url}{op[1]}", op[2], token)), operations))
+
+    assert {status for _, status, _ in results} <= {200, 404}, [r for r in results if r[1] not in (200, 404)][:3]
+    assert sorted(status for method, status, _ in results if method == "DELETE") == [200] * len(ids)
+    assert call("GET", f"{server.url}/api/tasks", token=token)[1]["pagination"]["total"] == 0
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
