@@ -4,7 +4,7 @@ import secrets
 import uuid
 from functools import cache
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
 from flask_jwt_extended import JWTManager, create_access_token, current_user, jwt_required
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +18,14 @@ from schemas import LoginSchema, RegisterSchema, UserSchema
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
 jwt = JWTManager()
 user_schema = UserSchema()
+
+
+@bp.before_app_request
+def accept_any_case_bearer() -> None:
+    """HTTP auth schemes are case-insensitive (RFC 7235): "bearer <token>" works like "Bearer <token>"."""
+    scheme, _, token = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() == "bearer" and scheme != "Bearer":
+        request.environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
 
 
 @jwt.user_identity_loader

@@ -1,6 +1,7 @@
 """One error shape for everything that can go wrong: ``{"error": sentence, "details": {...}}``."""
 
 import sqlite3
+from functools import partial
 
 from flask import Flask, current_app, g, jsonify, request
 from marshmallow import ValidationError
@@ -124,6 +125,10 @@ def register_error_handlers(app: Flask) -> None:
     register_jwt_callbacks(app.extensions["flask-jwt-extended"])
 
 
+def token_rejected(message: str, _header: dict, _payload: dict):
+    return error_response(message, 401)
+
+
 def register_jwt_callbacks(jwt) -> None:
     """Flask-JWT-Extended answers 401/422 with ``{"msg"}`` by default; every token problem is a 401 here."""
 
@@ -137,22 +142,11 @@ def register_jwt_callbacks(jwt) -> None:
     def invalid_token(reason: str):
         return error_response("Invalid token: log in again.", 401, {"reason": reason})
 
-    @jwt.expired_token_loader
-    def expired_token(_header, _payload):
-        return error_response("Token has expired: log in again.", 401)
-
-    @jwt.revoked_token_loader
-    def revoked_token(_header, _payload):
-        return error_response("Token has been revoked: log in again.", 401)
-
-    @jwt.needs_fresh_token_loader
-    def stale_token(_header, _payload):
-        return error_response("A fresh login is required for this action.", 401)
-
-    @jwt.token_verification_failed_loader
-    def failed_claims(_header, _payload):
-        return error_response("Invalid token: log in again.", 401)
-
-    @jwt.user_lookup_error_loader
-    def unknown_user(_header, _payload):
-        return error_response("This account no longer exists or has been deactivated.", 401)
+    for register, message in (
+        (jwt.expired_token_loader, "Token has expired: log in again."),
+        (jwt.revoked_token_loader, "Token has been revoked: log in again."),
+        (jwt.needs_fresh_token_loader, "A fresh login is required for this action."),
+        (jwt.token_verification_failed_loader, "Invalid token: log in again."),
+        (jwt.user_lookup_error_loader, "This account no longer exists or has been deactivated."),
+    ):
+        register(partial(token_rejected, message))

@@ -183,6 +183,13 @@ def test_login_requires_each_field(client, field):
     assert_error(client.post("/api/auth/login", json=body), 400, field)
 
 
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(app, client, user, scheme):
+    response = client.get("/api/auth/me", headers={"Authorization": f"{scheme} {token_for(app, user['id'])}"})
+
+    assert response.status_code == 200
+
+
 def test_me_returns_current_user(client, user, auth_headers):
     response = client.get("/api/auth/me", headers=auth_headers)
 
