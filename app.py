@@ -106,7 +106,7 @@ if __name__ == "__main__":
     application = create_app()
     prepare_database(application)
     application.run(
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "5000")),
+        host=application.config["HOST"],
+        port=application.config["PORT"],
         debug=parse_flag("FLASK_DEBUG", os.environ.get("FLASK_DEBUG"), default=False),
     )

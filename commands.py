@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from config import DEFAULT_ADMIN_PASSWORD, ConfigError
 from models import User, db
 from routes.auth import create_user, duplicate_user
-from routes.errors import describe_validation
+from routes.errors import describe_validation, is_transient
 from schemas import RegisterSchema
 
 ADMIN_FULL_NAME = "Administrator"
@@ -71,6 +71,8 @@ def migrate_to_latest(app: Flask) -> None:
         with FileLock(instance / ".startup.lock"):
             flask_migrate.upgrade()
     except OperationalError as error:
+        if not is_transient(error):
+            raise  # a migration that fails on a reachable database must stop the start, loudly
         # Start anyway: the health check reports the database, and requests answer 503 until it is back.
         app.logger.error("Database unreachable at start-up; migrations not applied: %s", error)
 
@@ -93,7 +95,9 @@ def create_first_admin(app: Flask) -> None:
         return
     except OperationalError as error:
         db.session.rollback()
-        app.logger.error("Could not create the first administrator: %s", error)
+        if not is_transient(error):
+            raise
+        app.logger.error("Database unreachable; the first administrator was not created: %s", error)
         return
     if data["password"] == DEFAULT_ADMIN_PASSWORD:
         app.logger.warning(

@@ -1,12 +1,14 @@
-"""Settings, read once from the environment (``.env`` is honoured by ``flask`` and ``app.py``)."""
+"""Settings, read once from the environment (``.env`` is honoured by ``app.py``, gunicorn and ``flask``)."""
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
 from filelock import FileLock
+from werkzeug.security import generate_password_hash
 
 VERSION = "1.0.0"
 
@@ -15,6 +17,10 @@ DEFAULT_ADMIN_PASSWORD = "admin123"  # development only, documented, and warned 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
+ORIGIN = re.compile(
+    r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.-]*://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
+)
 
 
 class ConfigError(RuntimeError):
@@ -35,6 +41,30 @@ def engine_options(url: str) -> dict:
     if url.startswith("postgresql"):
         return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"}}
     return {}
+
+
+def parse_port(name: str, value: str | None, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit() and 0 < int(value) < 65536):
+        raise ConfigError(f"{name} must be a port number from 1 to 65535, not {value!r}.")
+    return int(value)
+
+
+def checked_hash_method(method: str) -> str:
+    try:
+        generate_password_hash("probe", method=method)
+    except ValueError as error:
+        raise ConfigError(f"PASSWORD_HASH_METHOD {method!r} is not a Werkzeug hash method: {error}") from None
+    return method
+
+
+def parse_origins(value: str) -> list[str]:
+    origins = [origin.strip() for origin in value.split(",") if origin.strip()]
+    for origin in origins:
+        if not ORIGIN.fullmatch(origin):
+            raise ConfigError(f"CORS_ORIGIN must list exact origins such as https://tasks.example.com, not {origin!r}.")
+    return origins
 
 
 def parse_flag(name: str, value: str | None, default: bool) -> bool:
@@ -72,20 +102,22 @@ class Config:
         self.JWT_COOKIE_CSRF_PROTECT = False  # bearer headers only: no cookies, so no CSRF claim to carry
         self.JWT_ALGORITHM = "HS256"
         self.JWT_DECODE_ALGORITHMS = ["HS256"]
-        self.PASSWORD_HASH_METHOD = env("PASSWORD_HASH_METHOD", "scrypt")
+        # Checked by hashing once, when set: a typo would otherwise surface as a 500 on every login.
+        hash_method = env("PASSWORD_HASH_METHOD")
+        self.PASSWORD_HASH_METHOD = checked_hash_method(hash_method) if hash_method else "scrypt"
 
         self.ADMIN_USERNAME = env("ADMIN_USERNAME", "admin")
         self.ADMIN_EMAIL = env("ADMIN_EMAIL", "admin@finstack.com")
         self.ADMIN_PASSWORD = env("ADMIN_PASSWORD", None if production else DEFAULT_ADMIN_PASSWORD)
 
-        self.CORS_ORIGINS = [
-            origin.strip() for origin in env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS).split(",") if origin.strip()
-        ]
+        self.CORS_ORIGINS = parse_origins(env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS))
         self.MAX_CONTENT_LENGTH = 1024 * 1024
         self.LOG_LEVEL = env("LOG_LEVEL", "INFO").upper()
         if self.LOG_LEVEL not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.LOG_LEVEL!r}.")
         self.VERSION = VERSION
+        self.HOST = env("HOST", "127.0.0.1")  # `python app.py` only; gunicorn has --bind
+        self.PORT = parse_port("PORT", env("PORT"), default=5000)
 
 
 def resolve_secrets(config: dict, instance_path: str) -> None:

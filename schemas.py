@@ -1,5 +1,6 @@
 """marshmallow schemas: what the API accepts (load) and what it answers (dump)."""
 
+from contextlib import suppress
 from datetime import UTC, date, datetime, time, timedelta
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load
@@ -15,7 +16,7 @@ MAX_BULK_IDS = 1000
 READ_ONLY_TASK_FIELDS = ("id", "date_created", "updated_at", "created_by", "contact_person")
 
 
-class String(fields.String):
+class Text(fields.String):
     """A string the database can store: NUL characters and lone surrogates (which JSON can carry in
     ``\\ud800`` escapes) are rejected here rather than failing in the driver."""
 
@@ -35,7 +36,7 @@ class String(fields.String):
         return value
 
 
-class Trimmed(String):
+class Trimmed(Text):
     """A string with surrounding white space removed before validation."""
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -90,6 +91,7 @@ class DateOrDateTime(fields.Field):
     timestamp."""
 
     default_error_messages = {"invalid": "Not a valid ISO 8601 date or date-time."}
+    timestamp = Timestamp()
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:
@@ -97,13 +99,14 @@ class DateOrDateTime(fields.Field):
         except (TypeError, ValueError):
             pass
         try:
-            return Timestamp()._deserialize(value, attr, data, **kwargs)
+            return self.timestamp.deserialize(value)
         except ValidationError as error:
             raise self.make_error("invalid") from error
 
 
-def start_of_day(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=UTC)
+def as_timestamp(moment: date | datetime) -> datetime:
+    """A timestamp as it is; a bare date as the first moment of that day, in UTC."""
+    return moment if isinstance(moment, datetime) else datetime.combine(moment, time.min, tzinfo=UTC)
 
 
 class UserSchema(Schema):
@@ -128,13 +131,13 @@ class RegisterSchema(Schema):
         ],
     )
     email = Lowercase(required=True, validate=[Length(max=255), Email()])
-    password = String(required=True, load_only=True, validate=Length(min=8, max=128))
+    password = Text(required=True, load_only=True, validate=Length(min=8, max=128))
     full_name = Trimmed(required=True, validate=Length(min=1, max=120))
 
 
 class LoginSchema(Schema):
     username = Lowercase(required=True, validate=Length(min=1, max=255))
-    password = String(required=True, load_only=True, validate=Length(min=1, max=128))
+    password = Text(required=True, load_only=True, validate=Length(min=1, max=128))
 
 
 class TaskSchema(Schema):
@@ -145,8 +148,8 @@ class TaskSchema(Schema):
     task_time = Timestamp(required=True)
     contact_person_id = fields.UUID(required=True, load_only=True)
     contact_person = fields.Nested(UserSchema, dump_only=True, allow_none=True)
-    note = String(allow_none=True, validate=Length(max=10_000))
-    status = String(validate=OneOf(TASK_STATUSES))
+    note = Text(allow_none=True, validate=Length(max=10_000))
+    status = Text(validate=OneOf(TASK_STATUSES))
     created_by = fields.Nested(UserSchema, dump_only=True, allow_none=True)
     updated_at = Timestamp(dump_only=True)
 
@@ -158,45 +161,41 @@ class TaskSchema(Schema):
 
 
 class TaskStatusSchema(Schema):
-    status = String(required=True, validate=OneOf(TASK_STATUSES))
+    status = Text(required=True, validate=OneOf(TASK_STATUSES))
 
 
 class BulkStatusSchema(Schema):
     task_ids = IdList(required=True)
-    status = String(required=True, validate=OneOf(TASK_STATUSES))
+    status = Text(required=True, validate=OneOf(TASK_STATUSES))
 
 
 class TaskQuerySchema(Schema):
     """The task list's query string; every parameter is checked, none is silently ignored."""
 
-    status = String(validate=OneOf(TASK_STATUSES))
-    task_type = String(validate=Length(max=50))
-    entity_name = String(validate=Length(max=255))
+    status = Text(validate=OneOf(TASK_STATUSES))
+    task_type = Text(validate=Length(max=50))
+    entity_name = Text(validate=Length(max=255))
     contact_person_id = fields.UUID()
     date_from = DateOrDateTime()
     date_to = DateOrDateTime()
     page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
     per_page = QueryInteger(load_default=20, validate=Range(min=1))
-    sort_by = String(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
-    sort_order = String(load_default="desc", validate=OneOf(("asc", "desc")))
+    sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
+    sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
 
     @post_load
     def to_bounds(self, data, **kwargs):
-        """Cap ``per_page`` and turn the dates into an inclusive lower and an exclusive or inclusive upper bound."""
+        """Cap ``per_page``; turn the dates into ``created_from`` (inclusive) and ``created_before`` (exclusive)."""
         data["per_page"] = min(data["per_page"], MAX_PER_PAGE)
-        date_from = data.pop("date_from", None)
-        date_to = data.pop("date_to", None)
+        date_from, date_to = data.pop("date_from", None), data.pop("date_to", None)
         if date_from is not None:
-            data["created_from"] = date_from if isinstance(date_from, datetime) else start_of_day(date_from)
-        if isinstance(date_to, datetime):
-            data["created_to"] = date_to
-        elif date_to is not None and date_to < date.max:
-            # A bare date includes the whole day: everything before the next midnight.
-            data["created_before"] = start_of_day(date_to + timedelta(days=1))
-        lower = data.get("created_from")
-        if lower is not None and (
-            ("created_to" in data and lower > data["created_to"])
-            or ("created_before" in data and lower >= data["created_before"])
-        ):
+            data["created_from"] = as_timestamp(date_from)
+        if date_to is not None:
+            # date_to is inclusive: a bare date reaches its next midnight, a timestamp its next microsecond
+            # (the finest time both databases store).
+            step = timedelta(microseconds=1) if isinstance(date_to, datetime) else timedelta(days=1)
+            with suppress(OverflowError):  # the very end of year 9999 bounds nothing
+                data["created_before"] = as_timestamp(date_to) + step
+        if data.get("created_from") and data.get("created_before") and data["created_from"] >= data["created_before"]:
             raise ValidationError("Must not be later than date_to.", "date_from")
         return data

@@ -3,7 +3,7 @@
 import uuid
 
 from flask import Blueprint
-from flask_jwt_extended import current_user
+from flask_jwt_extended import get_current_user
 from marshmallow import ValidationError
 from sqlalchemy import Select, case, delete, func, literal, select, update
 
@@ -33,8 +33,6 @@ def filter_tasks(args: dict) -> Select:
         stmt = stmt.where(Task.contact_person_id == args["contact_person_id"])
     if "created_from" in args:
         stmt = stmt.where(Task.date_created >= args["created_from"])
-    if "created_to" in args:
-        stmt = stmt.where(Task.date_created <= args["created_to"])
     if "created_before" in args:
         stmt = stmt.where(Task.date_created < args["created_before"])
     return stmt
@@ -85,7 +83,7 @@ def create_task():
     """Log a task, created by the caller and assigned to an active user."""
     data = load_json(TaskSchema())
     contact_person = active_user(data.pop("contact_person_id"))
-    task = Task(**data, contact_person=contact_person, created_by=current_user)
+    task = Task(**data, contact_person=contact_person, created_by=get_current_user())
     db.session.add(task)
     db.session.commit()
     return {"message": "Task created.", "task": task_schema.dump(task)}, 201
@@ -100,10 +98,10 @@ def get_task(task_id: uuid.UUID):
 @bp.put("/<uuid:task_id>")
 def update_task(task_id: uuid.UUID):
     """Change any subset of a task's fields; ``note: null`` clears the note."""
-    task = task_for_update(task_id)
     data = load_json(TaskSchema(partial=True))
     if not data:
         raise APIError("Nothing to update: send at least one task field.")
+    task = task_for_update(task_id)
     if "contact_person_id" in data:
         task.contact_person = active_user(data.pop("contact_person_id"))
     for field, value in data.items():
@@ -115,8 +113,9 @@ def update_task(task_id: uuid.UUID):
 @bp.patch("/<uuid:task_id>/status")
 def update_task_status(task_id: uuid.UUID):
     """Open or close a task."""
+    status = load_json(TaskStatusSchema())["status"]
     task = task_for_update(task_id)
-    task.status = load_json(TaskStatusSchema())["status"]
+    task.status = status
     db.session.commit()
     return {"message": f"Task marked {task.status}.", "task": task_schema.dump(task)}
 

@@ -185,8 +185,8 @@ def make_task(app, user):
 
 
 @pytest.fixture
-def count_statements(app):
-    """``with count_statements() as statements:`` records the SQL the app sends (savepoints aside)."""
+def sql_statements(app):
+    """``with sql_statements() as statements:`` records the SQL the app sends (savepoints aside)."""
 
     @contextmanager
     def counting():
@@ -239,15 +239,26 @@ def environment(fresh_database_url, tmp_path) -> dict:
     }
 
 
-@pytest.fixture
-def start(tmp_path):
-    servers = []
+class Servers:
+    """Servers started by one test, all stopped when it ends."""
 
-    def start_server(command: list[str], env: dict) -> Server:
-        server = Server(command, env, tmp_path / "server.log")
-        servers.append(server)
+    def __init__(self, log_folder):
+        self.log_folder = log_folder
+        self.started = []
+
+    def start(self, command: list[str], env: dict) -> Server:
+        server = Server(command, env, self.log_folder / f"server-{len(self.started)}.log")
+        self.started.append(server)
         return server
 
-    yield start_server
-    for server in servers:
-        server.stop()
+    def stop_all(self):
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def servers(tmp_path, environment):
+    """Started servers; set up after their database (through ``environment``), so stopped before it is dropped."""
+    started = Servers(tmp_path)
+    yield started
+    started.stop_all()

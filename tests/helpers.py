@@ -21,11 +21,18 @@ from models import User, db
 POSTGRES_URL = normalise_database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
 FAST_HASH = "scrypt:1024:8:1"
 PASSWORD = "correct-horse-battery"
+PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at"}
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 # The server as development runs it: several workers, each building the app at once; and as `make run` does.
-GUNICORN = [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:{port}",
-            "--no-control-socket", "app:app"]  # fmt: skip
+
+
+def gunicorn(*options: str) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "--workers", str(WORKERS), "--bind", "127.0.0.1:{port}",
+            "--no-control-socket", *options, "app:app"]  # fmt: skip
+
+
+GUNICORN = gunicorn()
 DEV_SERVER = [sys.executable, "app.py"]
 
 
@@ -87,26 +94,35 @@ class Server:
     """A server process on a free port, its log in a file, stopped at the end of the test."""
 
     def __init__(self, command: list[str], env: dict, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        command = [part.format(port=self.port) for part in command]
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env | {"PORT": str(self.port)}, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.wait_until_healthy()
+        for _attempt in range(3):  # another process may take the free port before the server binds it
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            with log.open("ab") as out:
+                self.process = subprocess.Popen(
+                    [part.format(port=self.port) for part in command],
+                    cwd=ROOT,
+                    env=env | {"PORT": str(self.port)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            if self.wait_until_healthy():
+                return
+        pytest.fail(f"no free port to be had:\n{log.read_text()}")
 
-    def wait_until_healthy(self, timeout: float = 60):
-        """Wait for this process to say it listens on our port (not some other server), then for a healthy answer."""
+    def wait_until_healthy(self, timeout: float = 60) -> bool:
+        """Wait for this process to say it listens on our port (not some other server), then for a healthy answer.
+        False when the port turned out to be taken."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "in use" in self.log.read_text():
+                    return False
                 pytest.fail(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
             if f"127.0.0.1:{self.port}" in self.log.read_text():
                 try:
                     if call("GET", f"{self.url}/api/health")[0] == 200:
-                        return
+                        return True
                 except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
                     pass
             time.sleep(0.2)

@@ -38,11 +38,11 @@ def test_dashboard_of_no_tasks(client, auth_headers):
     }
 
 
-def test_dashboard_aggregates_in_sql(client, auth_headers, make_task, count_statements):
+def test_dashboard_aggregates_in_sql(client, auth_headers, make_task, sql_statements):
     for _ in range(30):
         make_task()
 
-    with count_statements() as statements:
+    with sql_statements() as statements:
         client.get("/api/analytics/dashboard", headers=auth_headers)
 
     task_queries = [s for s in statements if "tasks" in s]

@@ -8,7 +8,7 @@ import pytest
 
 import models
 import routes.auth
-from helpers import assert_error, token_for
+from helpers import PUBLIC_USER_FIELDS, assert_error, token_for
 from models import User, db
 
 NEW_USER = {
@@ -17,7 +17,6 @@ NEW_USER = {
     "password": "s3cret-passphrase",
     "full_name": "Carol Clark",
 }
-PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at"}
 
 
 def bearer(token: str) -> dict:

@@ -123,6 +123,16 @@ def test_production_creates_an_admin_only_from_admin_settings(fresh_database_url
     assert users(started(create_app())) == ["ops"]
 
 
+def test_a_failing_migration_stops_the_start(fresh_database_url, tmp_path):
+    engine = sa.create_engine(fresh_database_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE app_users (id INTEGER PRIMARY KEY)"))  # in the migration's way
+    engine.dispose()
+
+    with pytest.raises(sa.exc.DBAPIError, match="already exists"):
+        development_app(fresh_database_url, tmp_path)
+
+
 def test_invalid_admin_settings_stop_the_start(fresh_database_url, tmp_path):
     with pytest.raises(ConfigError, match="ADMIN_"):
         development_app(fresh_database_url, tmp_path, ADMIN_USERNAME="not valid!")

@@ -9,9 +9,9 @@ README = (ROOT / "README.md").read_text()
 EXAMPLES = README.split("### By example", 1)[1].split("## PostgreSQL", 1)[0]
 
 
-def test_readme_curl_examples_work(start, environment):
+def test_readme_curl_examples_work(servers, environment):
     script = "\n".join(re.findall(r"```bash\n(.*?)```", EXAMPLES, re.DOTALL))
-    server = start(DEV_SERVER, environment)  # what `make run` starts
+    server = servers.start(DEV_SERVER, environment)  # what `make run` starts
 
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script.replace("http://127.0.0.1:5000", server.url)],

@@ -1,6 +1,7 @@
 """The app served for real: gunicorn with several workers (and `python app.py`) on a fresh database."""
 
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -9,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy as sa
 
-from helpers import DEV_SERVER, GUNICORN, ROOT, WORKERS, call
+from helpers import DEV_SERVER, GUNICORN, ROOT, WORKERS, call, gunicorn
 
 
-def test_workers_starting_together_migrate_and_create_one_admin(start, environment, fresh_database_url, tmp_path):
-    server = start(GUNICORN, environment)
+def test_workers_starting_together_migrate_and_create_one_admin(servers, environment, fresh_database_url, tmp_path):
+    server = servers.start(GUNICORN, environment)
 
     status, body = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})
 
@@ -29,8 +30,8 @@ def test_workers_starting_together_migrate_and_create_one_admin(start, environme
     assert server.log.read_text().count("Created the default administrator") == 1
 
 
-def test_parallel_registrations_of_one_name_give_one_201_and_seven_409(start, environment):
-    server = start(GUNICORN, environment)
+def test_parallel_registrations_of_one_name_give_one_201_and_seven_409(servers, environment):
+    server = servers.start(GUNICORN, environment)
     barrier = threading.Barrier(8)
     results = []
 
@@ -53,22 +54,31 @@ def test_parallel_registrations_of_one_name_give_one_201_and_seven_409(start, en
     assert "Traceback" not in server.log.read_text()
 
 
-def test_a_token_works_on_every_worker_and_after_a_restart(start, environment):
-    server = start(GUNICORN, environment)
+def test_a_token_works_on_every_worker_and_after_a_restart(servers, environment):
+    access_log = ["--access-logfile", "-", "--access-logformat", "worker=%(p)s %(U)s %(s)s"]
+    server = servers.start(gunicorn(*access_log), environment)
     token = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1][
         "access_token"
     ]
+    together = threading.Barrier(4 * WORKERS)
 
-    assert {call("GET", f"{server.url}/api/auth/me", token=token)[0] for _ in range(4 * WORKERS)} == {200}
+    def me(_):
+        together.wait()
+        return call("GET", f"{server.url}/api/auth/me", token=token)[0]
+
+    with ThreadPoolExecutor(max_workers=4 * WORKERS) as pool:
+        assert set(pool.map(me, range(4 * WORKERS))) == {200}
+    workers = set(re.findall(r"worker=<(\d+)> /api/auth/me 200", server.log.read_text()))
+    assert len(workers) >= 2, server.log.read_text()  # the same token accepted by different processes
 
     server.stop()
-    restarted = start(GUNICORN, environment)
+    restarted = servers.start(GUNICORN, environment)
 
     assert call("GET", f"{restarted.url}/api/auth/me", token=token)[0] == 200
 
 
-def test_python_app_py_serves_the_api(start, environment):
-    server = start(DEV_SERVER, environment)
+def test_python_app_py_serves_the_api(servers, environment):
+    server = servers.start(DEV_SERVER, environment)
 
     status, body = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})
 
@@ -88,13 +98,13 @@ def production_environment(environment) -> dict:
     }
 
 
-def test_production_start_migrates_then_serves_with_the_configured_admin(start, production_environment, tmp_path):
+def test_production_start_migrates_then_serves_with_the_configured_admin(servers, production_environment, tmp_path):
     upgrade = subprocess.run(
         [sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=production_environment, capture_output=True
     )
     assert upgrade.returncode == 0, upgrade.stderr.decode()
 
-    server = start(GUNICORN, production_environment)
+    server = servers.start(GUNICORN, production_environment)
 
     assert call("POST", f"{server.url}/api/auth/login", {"username": "ops", "password": "ops-password-1"})[0] == 200
     assert call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[0] == 401
@@ -123,8 +133,8 @@ def create_tasks(server, token: str, assignee: str, count: int) -> list[str]:
     return [call("POST", f"{server.url}/api/tasks", task, token)[1]["task"]["id"] for _ in range(count)]
 
 
-def test_overlapping_bulk_updates_all_succeed(start, environment):
-    server = start(GUNICORN, environment)
+def test_overlapping_bulk_updates_all_succeed(servers, environment):
+    server = servers.start(GUNICORN, environment)
     token, admin_id = admin_session(server)
     ids = create_tasks(server, token, admin_id, 150)
     shuffle = random.Random(2026)
@@ -144,8 +154,8 @@ def test_overlapping_bulk_updates_all_succeed(start, environment):
     assert "Traceback" not in server.log.read_text()
 
 
-def test_edits_racing_deletes_answer_200_or_404(start, environment):
-    server = start(GUNICORN, environment)
+def test_edits_racing_deletes_answer_200_or_404(servers, environment):
+    server = servers.start(GUNICORN, environment)
     token, admin_id = admin_session(server)
     ids = create_tasks(server, token, admin_id, 40)
     operations = [("DELETE", f"/api/tasks/{task_id}", None) for task_id in ids]

@@ -346,11 +346,11 @@ def test_delete_unknown_task_is_404(client, auth_headers):
     assert_error(client.delete(f"/api/tasks/{uuid.uuid4()}", headers=auth_headers), 404)
 
 
-def test_bulk_status_updates_every_task_in_one_update(app, client, auth_headers, make_task, count_statements):
+def test_bulk_status_updates_every_task_in_one_update(app, client, auth_headers, make_task, sql_statements):
     tasks = [make_task() for _ in range(5)]
     untouched = make_task()
 
-    with count_statements() as statements:
+    with sql_statements() as statements:
         response = client.patch(
             "/api/tasks/bulk-status",
             json={"task_ids": [task["id"] for task in tasks], "status": "closed"},

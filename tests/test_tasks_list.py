@@ -227,13 +227,13 @@ def test_list_combines_filters(client, auth_headers, make_task, other_user):
 
 @pytest.mark.parametrize("per_page", [1, 10, 100])
 def test_list_takes_a_fixed_number_of_statements_whatever_the_page_size(
-    client, auth_headers, make_task, make_user, count_statements, per_page
+    client, auth_headers, make_task, make_user, sql_statements, per_page
 ):
     people = [make_user(f"person{n}") for n in range(5)]
     for n in range(100):
         make_task(contact_person_id=uuid.UUID(people[n % 5]["id"]), created_by_id=uuid.UUID(people[-n % 5]["id"]))
 
-    with count_statements() as statements:
+    with sql_statements() as statements:
         body = listed(client, auth_headers, f"?per_page={per_page}")
 
     assert len(body["tasks"]) == per_page

@@ -1,6 +1,4 @@
-from helpers import assert_error
-
-PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at"}
+from helpers import PUBLIC_USER_FIELDS, assert_error
 
 
 def test_list_users_returns_active_users_by_name(client, auth_headers, make_user, user):
