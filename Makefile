@@ -48,8 +48,10 @@ test-postgres: $(VENV)/.dev-installed  ## Run the suite on PostgreSQL only (TEST
 db-upgrade: $(VENV)/.installed  ## Apply migrations to DATABASE_URL (what production runs before gunicorn)
 	$(BIN)/flask db upgrade
 
-db-check: $(VENV)/.installed  ## Fail if the models and the migrations disagree
-	$(BIN)/flask db check
+db-check: $(VENV)/.installed  ## Fail if the models and the migrations disagree (checked on a scratch database)
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+		export DATABASE_URL="sqlite:///$$scratch/check.db" INSTANCE_PATH="$$scratch" FLASK_SKIP_DOTENV=1 && \
+		$(BIN)/flask db upgrade && $(BIN)/flask db check
 
 clean:  ## Remove the virtualenv, caches and the development database
 	rm -rf $(VENV) .pytest_cache instance

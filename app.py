@@ -7,8 +7,8 @@ import uuid
 from collections.abc import Mapping
 
 import click
+from dotenv import load_dotenv
 from flask import Flask, g, request
-from flask.cli import load_dotenv
 from flask.helpers import get_load_dotenv
 from flask_cors import CORS
 from flask_migrate import Migrate
@@ -19,7 +19,8 @@ from models import db
 from routes import analytics, auth, health, tasks, users
 from routes.errors import register_error_handlers
 
-MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+MIGRATIONS = os.path.join(PROJECT, "migrations")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 migrate = Migrate()
@@ -28,6 +29,7 @@ migrate = Migrate()
 def create_app(config: Mapping | None = None) -> Flask:
     """Build the app from the environment; ``config`` overrides single settings (tests use it)."""
     app = Flask(__name__)
+    app.url_map.merge_slashes = False  # "/api//tasks" is a JSON 404, not an HTML redirect
     app.config.from_object(Config())
     app.config.update(config or {})
     if app.config["INSTANCE_PATH"]:
@@ -62,9 +64,9 @@ def serving() -> bool:
 
 
 def load_env_file() -> None:
-    """Read `.env` as the `flask` command does (FLASK_SKIP_DOTENV=1 turns it off)."""
+    """Read the project's `.env`, wherever the server is started from (FLASK_SKIP_DOTENV=1 turns it off)."""
     if get_load_dotenv():
-        load_dotenv()
+        load_dotenv(os.path.join(PROJECT, ".env"))
 
 
 def configure_logging(app: Flask) -> None:

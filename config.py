@@ -8,6 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from filelock import FileLock
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from werkzeug.security import generate_password_hash
 
 VERSION = "1.0.0"
@@ -17,6 +19,7 @@ DEFAULT_ADMIN_PASSWORD = "admin123"  # development only, documented, and warned 
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+APP_ENVS = ("development", "production")
 # An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
 ORIGIN = re.compile(
     r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.-]*://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
@@ -32,6 +35,18 @@ def normalise_database_url(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     if separator and scheme in ("postgres", "postgresql"):
         return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def checked_database_url(url: str) -> str:
+    """The normalised URL, or a clear error for anything that is not SQLite or PostgreSQL."""
+    url = normalise_database_url(url)
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        backend = None
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError("DATABASE_URL must be a sqlite:///... or postgres(ql)://... URL.")
     return url
 
 
@@ -86,9 +101,11 @@ class Config:
             return environ.get(name) or default
 
         self.APP_ENV = env("APP_ENV", "development")
+        if self.APP_ENV not in APP_ENVS:
+            raise ConfigError(f"APP_ENV must be {' or '.join(APP_ENVS)}, not {self.APP_ENV!r}.")
         production = self.APP_ENV == "production"
 
-        self.SQLALCHEMY_DATABASE_URI = normalise_database_url(
+        self.SQLALCHEMY_DATABASE_URI = checked_database_url(
             env("DATABASE_URL", "sqlite:///finstack.db")  # relative SQLite paths live in the instance folder
         )
         self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)

@@ -76,9 +76,18 @@ def simple_lower(text):
 def _configure_sqlite(dbapi_connection, _connection_record):
     """Make SQLite behave like PostgreSQL where the API depends on it."""
     if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN comes too late; see _begin_sqlite
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
         # SQLite's own lower() folds ASCII only; case-insensitive filters must match "MÜLLER" too.
         dbapi_connection.create_function("lower", 1, simple_lower, deterministic=True)
+
+
+@event.listens_for(Engine, "begin")
+def _begin_sqlite(connection):
+    """Take SQLite's write lock when a transaction begins, as SQLAlchemy's pysqlite notes suggest: writers
+    then queue like PostgreSQL's row locks make them, and every timestamp is taken after the lock."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class User(db.Model):

@@ -3,6 +3,7 @@
 from flask import current_app, request
 from flask_jwt_extended import verify_jwt_in_request
 from marshmallow import Schema, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from routes.errors import APIError
 
@@ -12,9 +13,10 @@ def load_json(schema: Schema) -> dict:
     if not request.is_json:
         raise APIError("Send a JSON object with the header 'Content-Type: application/json'.")
     body = request.get_data()
-    if request.content_length is None and len(body) >= current_app.config["MAX_CONTENT_LENGTH"]:
-        # A streamed (chunked) body is cut at the limit without a word; reading on raises the 413.
-        request.stream.read(1)
+    # Werkzeug cuts a streamed (chunked) body at the limit without a word: one more byte means too large.
+    streamed_past_limit = request.content_length is None and len(body) >= current_app.config["MAX_CONTENT_LENGTH"]
+    if streamed_past_limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     try:
         data = current_app.json.loads(body)
     except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting

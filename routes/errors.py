@@ -38,7 +38,16 @@ class APIError(Exception):
 def error_response(message: str, status: int, details: dict | None = None):
     response = jsonify(error=message, details=details or {})
     response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="FinStack Tasks"'  # RFC 6750
     return response
+
+
+def printable(name):
+    """A field name as valid Unicode, whatever the client sent: lone surrogates become U+FFFD."""
+    if not isinstance(name, str):
+        return name
+    return "".join("\ufffd" if "\ud800" <= character <= "\udfff" else character for character in name)
 
 
 def describe_validation(messages) -> str:
@@ -60,11 +69,20 @@ def is_transient(error: Exception) -> bool:
     """Is this database error the database being out of reach or busy, rather than a fault in a statement?"""
     if isinstance(error, PoolTimeoutError | InterfaceError) or getattr(error, "connection_invalidated", False):
         return True
-    original = getattr(error, "orig", None)
-    if isinstance(original, sqlite3.Error):
-        return getattr(original, "sqlite_errorname", "") in TRANSIENT_SQLITE_ERRORS
-    sqlstate = getattr(original, "pgcode", None)
+    if not isinstance(error, OperationalError):
+        return False
+    if isinstance(error.orig, sqlite3.Error):
+        return getattr(error.orig, "sqlite_errorname", "") in TRANSIENT_SQLITE_ERRORS
+    sqlstate = getattr(error.orig, "pgcode", None)
     return sqlstate is None or sqlstate.startswith(TRANSIENT_SQLSTATE_CLASSES)  # no SQLSTATE: no server answer
+
+
+def is_schema_missing(error: Exception) -> bool:
+    """Has nobody run the migrations on this database yet?"""
+    original = getattr(error, "orig", None)
+    if isinstance(original, sqlite3.OperationalError):
+        return str(original).startswith("no such table")
+    return getattr(original, "pgcode", None) == "42P01"  # undefined_table
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -76,7 +94,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ValidationError)
     def handle_validation_error(error: ValidationError):
-        messages = error.normalized_messages()
+        messages = {printable(field): problems for field, problems in error.normalized_messages().items()}
         return error_response(describe_validation(messages), 400, messages)
 
     @app.errorhandler(HTTPException)
@@ -100,17 +118,20 @@ def register_error_handlers(app: Flask) -> None:
         db.session.rollback()  # another request deleted the row this one was changing
         return error_response("Not found: it was deleted while this request was changing it.", 404)
 
-    @app.errorhandler(OperationalError)
-    @app.errorhandler(InterfaceError)
+    @app.errorhandler(DBAPIError)
     @app.errorhandler(PoolTimeoutError)
     def handle_database_error(error: DBAPIError | PoolTimeoutError):
-        if not is_transient(error):
+        if is_transient(error):
+            problem, message = "unavailable", "The database is unavailable or busy; try again shortly."
+        elif is_schema_missing(error):
+            problem, message = "not migrated (run `flask db upgrade`)", "The database is not ready; try again shortly."
+        else:
             return handle_unexpected_error(error)
         db.session.rollback()
         current_app.logger.error(
-            "Database unavailable on %s %s (request %s): %s", request.method, request.path, g.get("request_id"), error
+            "Database %s on %s %s (request %s): %s", problem, request.method, request.path, g.get("request_id"), error
         )
-        return error_response("The database is unavailable or busy; try again shortly.", 503)
+        return error_response(message, 503)
 
     @app.errorhandler(Exception)
     def handle_unexpected_error(error: Exception):

@@ -122,30 +122,29 @@ def update_task_status(task_id: uuid.UUID):
 
 @bp.patch("/bulk-status")
 def bulk_update_status():
-    """Open or close up to 1000 tasks at once: one UPDATE, and nothing changes if any id is unknown."""
+    """Open or close up to 1000 tasks at once, in one UPDATE; nothing changes if any id is unknown."""
     data = load_json(BulkStatusSchema())
     task_ids = list(dict.fromkeys(data["task_ids"]))
     status = data["status"]
-    # Tasks already in that status keep their updated_at: nothing about them changed.
-    touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
-    # Rows are locked in id order, so two bulk updates over overlapping ids queue instead of deadlocking.
-    locked = select(Task.id).where(Task.id.in_(task_ids)).order_by(Task.id).with_for_update().subquery()
-    found = db.session.scalars(
-        update(Task)
-        .where(Task.id == locked.c.id)
-        .values(status=status, updated_at=touched_at)
-        .returning(Task.id)
-        .execution_options(synchronize_session=False)
-    ).all()
-    found_ids = set(found)
-    missing = [str(task_id) for task_id in task_ids if task_id not in found_ids]
+    # Lock the rows in id order first: overlapping bulk updates queue instead of deadlocking, and the
+    # timestamp below is taken after any edit that committed while this request waited.
+    locked = select(Task.id).where(Task.id.in_(task_ids)).order_by(Task.id).with_for_update()
+    found = set(db.session.scalars(locked))
+    missing = [str(task_id) for task_id in task_ids if task_id not in found]
     if missing:
-        db.session.rollback()
         raise APIError(
             f"No task found for {len(missing)} of the ids; nothing was changed.", 404, {"not_found": missing}
         )
+    # Tasks already in that status keep their updated_at: nothing about them changed.
+    touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
+    db.session.execute(
+        update(Task)
+        .where(Task.id.in_(task_ids))
+        .values(status=status, updated_at=touched_at)
+        .execution_options(synchronize_session=False)
+    )
     db.session.commit()
-    return {"message": f"Status set to {status} for {len(found_ids)} task(s).", "updated": len(found_ids)}
+    return {"message": f"Status set to {status} for {len(found)} task(s).", "updated": len(found)}
 
 
 @bp.delete("/<uuid:task_id>")

@@ -186,14 +186,14 @@ def make_task(app, user):
 
 @pytest.fixture
 def sql_statements(app):
-    """``with sql_statements() as statements:`` records the SQL the app sends (savepoints aside)."""
+    """``with sql_statements() as statements:`` records the queries the app sends (transaction control aside)."""
 
     @contextmanager
     def counting():
         statements = []
 
         def record(_conn, _cursor, statement, *_args):
-            if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE", "ROLLBACK")):
                 statements.append(statement)
 
         with app.app_context():

@@ -241,7 +241,10 @@ def test_bad_tokens_are_401_with_the_error_envelope(app, client, user, kind):
     ids=["missing", "wrong scheme", "empty bearer", "empty header"],
 )
 def test_missing_or_malformed_authorization_header_is_401(client, headers):
-    assert_error(client.get("/api/auth/me", headers=headers), 401)
+    response = client.get("/api/auth/me", headers=headers)
+
+    assert_error(response, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
 
 
 def test_token_of_deactivated_user_is_rejected_on_next_request(app, client, user, auth_headers):

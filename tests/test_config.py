@@ -1,10 +1,12 @@
 """Settings from the environment: defaults, validation, secrets, and what production refuses."""
 
+import os
 import re
 import stat
 
 import pytest
 
+import app as app_module
 from app import create_app
 from config import Config, ConfigError, normalise_database_url
 from helpers import ROOT, settings
@@ -152,3 +154,27 @@ def test_production_starts_with_real_secrets(monkeypatch, tmp_path):
     app = create_app()
 
     assert app.config["SECRET_KEY"] == "s" * 40
+
+
+def test_env_file_is_read_from_the_project_folder_wherever_the_server_starts(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("FINSTACK_ENV_FILE_PROBE=from-the-project\n")
+    monkeypatch.setenv("FINSTACK_ENV_FILE_PROBE", "")
+    monkeypatch.delenv("FINSTACK_ENV_FILE_PROBE")  # restored, i.e. removed again, after the test
+    monkeypatch.setattr(app_module, "PROJECT", str(tmp_path))
+    monkeypatch.chdir("/")
+
+    app_module.load_env_file()
+
+    assert os.environ["FINSTACK_ENV_FILE_PROBE"] == "from-the-project"
+
+
+def test_env_file_can_be_switched_off(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("FINSTACK_ENV_FILE_PROBE=from-the-project\n")
+    monkeypatch.setenv("FINSTACK_ENV_FILE_PROBE", "")
+    monkeypatch.delenv("FINSTACK_ENV_FILE_PROBE")
+    monkeypatch.setattr(app_module, "PROJECT", str(tmp_path))
+    monkeypatch.setenv("FLASK_SKIP_DOTENV", "1")
+
+    app_module.load_env_file()
+
+    assert "FINSTACK_ENV_FILE_PROBE" not in os.environ

@@ -14,9 +14,10 @@ from models import db
 VALID_TASK = {"entity_name": "ABC", "task_type": "Call", "task_time": "2025-01-01T10:00:00Z"}
 
 
-def test_unknown_route_is_json_404(client):
+def test_unknown_route_is_json_404(client, auth_headers):
     assert_error(client.get("/api/nothing-here"), 404)
     assert_error(client.get("/"), 404)
+    assert_error(client.get("/api//tasks", headers=auth_headers), 404)  # not an HTML redirect
 
 
 def test_wrong_method_is_json_405_with_allow_header(client):
@@ -32,6 +33,22 @@ def test_body_over_1_mb_is_413(client, auth_headers):
     response = client.post("/api/tasks", data=body, content_type="application/json", headers=auth_headers)
 
     assert_error(response, 413)
+
+
+def test_streamed_body_of_exactly_1_mb_is_read(client, auth_headers, other_user):
+    task = {"entity_name": "X", "task_type": "Call", "task_time": "2025-01-01", "contact_person_id": other_user["id"]}
+    text = json.dumps(task).encode()
+    body = text + b" " * (1024 * 1024 - len(text))
+
+    response = client.post(
+        "/api/tasks",
+        input_stream=io.BytesIO(body),
+        content_type="application/json",
+        headers=auth_headers | {"Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+
+    assert response.status_code == 201, response.get_json()
 
 
 @pytest.mark.parametrize("padding", [1024 * 1024, 2 * 1024 * 1024])
@@ -143,7 +160,7 @@ def test_many_unknown_fields_name_a_few_in_the_sentence(client):
 
 def test_a_database_error_that_is_a_bug_is_a_500_not_a_503(app, client, auth_headers, caplog):
     with app.app_context():
-        db.session.execute(text("DROP TABLE tasks"))
+        db.session.execute(text("ALTER TABLE tasks DROP COLUMN note"))
         db.session.commit()
 
     with caplog.at_level(logging.ERROR):
@@ -151,6 +168,30 @@ def test_a_database_error_that_is_a_bug_is_a_500_not_a_503(app, client, auth_hea
 
     assert_error(response, 500)
     assert any(record.exc_info for record in caplog.records if "Unhandled error" in record.getMessage())
+
+
+def test_a_database_without_its_tables_is_a_503_that_says_to_migrate(app, client, auth_headers, caplog):
+    with app.app_context():
+        db.session.execute(text("DROP TABLE tasks"))
+        db.session.commit()
+
+    with caplog.at_level(logging.ERROR):
+        response = client.get("/api/tasks", headers=auth_headers)
+
+    assert_error(response, 503)
+    assert any("flask db upgrade" in record.getMessage() for record in caplog.records)
+
+
+def test_an_unknown_field_name_comes_back_as_valid_unicode(client):
+    response = client.post(
+        "/api/auth/login",
+        data='{"\\udfff\\ud800x": 1, "username": "a", "password": "b"}',
+        content_type="application/json",
+    )
+
+    body = assert_error(response, 400)
+    assert list(body["details"]) == ["\ufffd\ufffdx"]
+    response.get_data().decode("utf-8")  # and the whole body is valid UTF-8 JSON
 
 
 def test_deleting_twice_is_404_the_second_time(client, auth_headers, make_task):

@@ -5,7 +5,9 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
@@ -60,15 +62,17 @@ def test_a_token_works_on_every_worker_and_after_a_restart(servers, environment)
     token = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1][
         "access_token"
     ]
-    together = threading.Barrier(4 * WORKERS)
 
     def me(_):
-        together.wait()
         return call("GET", f"{server.url}/api/auth/me", token=token)[0]
 
-    with ThreadPoolExecutor(max_workers=4 * WORKERS) as pool:
-        assert set(pool.map(me, range(4 * WORKERS))) == {200}
-    workers = set(re.findall(r"worker=<(\d+)> /api/auth/me 200", server.log.read_text()))
+    # Workers finish starting one after another; send rounds of parallel requests until several have answered.
+    deadline = time.monotonic() + 30
+    workers = set()
+    while len(workers) < 2 and time.monotonic() < deadline:
+        with ThreadPoolExecutor(max_workers=4 * WORKERS) as pool:
+            assert set(pool.map(me, range(4 * WORKERS))) == {200}
+        workers = set(re.findall(r"worker=<(\d+)> /api/auth/me 200", server.log.read_text()))
     assert len(workers) >= 2, server.log.read_text()  # the same token accepted by different processes
 
     server.stop()
@@ -171,3 +175,33 @@ def test_edits_racing_deletes_answer_200_or_404(servers, environment):
     assert call("GET", f"{server.url}/api/tasks", token=token)[1]["pagination"]["total"] == 0
     server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+def test_updated_at_never_goes_back_under_concurrent_edits(servers, environment):
+    server = servers.start(GUNICORN, environment)
+    token, admin_id = admin_session(server)
+
+    def edit(task_id: str, n: int):
+        if n % 4 == 3:
+            body = {"task_ids": [task_id], "status": ("closed", "open")[n // 4 % 2]}  # each one changes it
+            return call("PATCH", f"{server.url}/api/tasks/bulk-status", body, token)
+        body = {"note": f"edit {n}"} if n % 2 else {"entity_name": f"Race Co {n}"}
+        return call("PUT", f"{server.url}/api/tasks/{task_id}", body, token)
+
+    for task_id in create_tasks(server, token, admin_id, 20):  # bursts of simultaneous edits of one task
+        together = threading.Barrier(16)
+
+        def at_once(n, task_id=task_id, together=together):
+            together.wait()
+            return edit(task_id, n)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            results = list(pool.map(at_once, range(16)))
+
+        assert {status for status, _ in results} == {200}
+        stored = datetime.fromisoformat(
+            call("GET", f"{server.url}/api/tasks/{task_id}", token=token)[1]["task"]["updated_at"]
+        )
+        replied = [datetime.fromisoformat(body["task"]["updated_at"]) for _, body in results if "task" in body]
+        # Every edit that answered 200 had committed by then: none may look newer than the row as stored.
+        assert all(stored >= at for at in replied), (stored, max(replied))
