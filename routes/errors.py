@@ -140,7 +140,7 @@ def register_error_handlers(app: Flask) -> None:
             "Unhandled error on %s %s (request %s)", request.method, request.path, g.get("request_id"), exc_info=error
         )
         return error_response(
-            "Internal server error; the team has been notified.", 500, {"request_id": g.get("request_id")}
+            "Internal server error; quote the request_id when you report it.", 500, {"request_id": g.get("request_id")}
         )
 
     register_jwt_callbacks(app.extensions["flask-jwt-extended"])
