@@ -1,17 +1,14 @@
 """``flask`` commands, and the start-up steps that share their code."""
 
-from pathlib import Path
-
 import click
 import flask_migrate
-from filelock import FileLock
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from config import DEFAULT_ADMIN_PASSWORD, ConfigError
+from config import DEFAULT_ADMIN_PASSWORD, ConfigError, startup_lock
 from models import User, db
 from routes.auth import create_user, duplicate_user
 from routes.errors import describe_validation, is_transient
@@ -65,10 +62,8 @@ def prepare_database(app: Flask) -> None:
 
 def migrate_to_latest(app: Flask) -> None:
     """``flask db upgrade``, once even when every gunicorn worker starts at the same moment."""
-    instance = Path(app.instance_path)
-    instance.mkdir(parents=True, exist_ok=True)
     try:
-        with FileLock(instance / ".startup.lock"):
+        with startup_lock(app.instance_path):
             flask_migrate.upgrade()
     except OperationalError as error:
         if not is_transient(error):

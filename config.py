@@ -150,13 +150,18 @@ def resolve_secrets(config: dict, instance_path: str) -> None:
             config[name] = instance_secret(instance_path, name.lower())
 
 
+def startup_lock(instance_path: str) -> FileLock:
+    """The lock that lets gunicorn workers starting at once take turns at start-up work (secrets, migrations)."""
+    folder = Path(instance_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / ".startup.lock")
+
+
 def instance_secret(instance_path: str, name: str) -> str:
     """Read the secret kept in the instance folder, creating it first if this is the first start."""
     folder = Path(instance_path)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    # Every gunicorn worker starts at once; the lock makes exactly one of them write the file.
-    with FileLock(folder / ".startup.lock"):
+    with startup_lock(instance_path):  # exactly one of the workers starting at once writes the file
         if path.exists() and path.read_text().strip():
             return path.read_text().strip()
         # Written aside and renamed into place, so a crash never leaves a half-written secret.

@@ -196,6 +196,6 @@ class TaskQuerySchema(Schema):
             step = timedelta(microseconds=1) if isinstance(date_to, datetime) else timedelta(days=1)
             with suppress(OverflowError):  # the very end of year 9999 bounds nothing
                 data["created_before"] = as_timestamp(date_to) + step
-        if data.get("created_from") and data.get("created_before") and data["created_from"] >= data["created_before"]:
+        if "created_from" in data and "created_before" in data and data["created_from"] >= data["created_before"]:
             raise ValidationError("Must not be later than date_to.", "date_from")
         return data

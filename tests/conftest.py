@@ -20,6 +20,8 @@ from schemas import TaskSchema
 # Settings the app reads from the environment; tests start from none of them, whatever the shell has.
 APP_ENVIRONMENT = (
     "APP_ENV",
+    "HOST",
+    "PORT",
     "DATABASE_URL",
     "INSTANCE_PATH",
     "AUTO_MIGRATE",
