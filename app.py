@@ -12,12 +12,15 @@ from flask import Flask, g, request
 from flask.helpers import get_load_dotenv
 from flask_cors import CORS
 from flask_migrate import Migrate
+from flask_talisman import Talisman
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from commands import create_admin_command, prepare_database
-from config import Config, parse_flag, resolve_secrets
+from commands import create_admin_command, prepare_database, purge_tokens_command
+from config import Config, check_production_settings, parse_flag, resolve_secrets
 from models import db
 from routes import analytics, auth, health, tasks, users
 from routes.errors import register_error_handlers
+from routes.limits import init_limiter
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
 MIGRATIONS = os.path.join(PROJECT, "migrations")
@@ -35,7 +38,12 @@ def create_app(config: Mapping | None = None) -> Flask:
     if app.config["INSTANCE_PATH"]:
         app.instance_path = os.path.abspath(app.config["INSTANCE_PATH"])
     resolve_secrets(app.config, app.instance_path)
+    check_production_settings(app.config)
     configure_logging(app)
+    if app.config["TRUSTED_PROXY_COUNT"]:
+        # The client address (for rate limits and logs) and scheme, from that many proxies' X-Forwarded-* headers.
+        proxies = app.config["TRUSTED_PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
@@ -44,16 +52,31 @@ def create_app(config: Mapping | None = None) -> Flask:
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
         allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID"],
+        expose_headers=[
+            "X-Request-ID",
+            "Retry-After",
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+        ],
         max_age=600,
         always_send=False,  # no Origin, no CORS headers: curl and servers are not browsers
+    )
+    Talisman(
+        app,
+        force_https=False,  # Render's edge redirects to HTTPS; its health checks and local runs are plain HTTP
+        frame_options="DENY",
+        content_security_policy={"default-src": "'none'", "frame-ancestors": "'none'"},  # JSON only: load nothing
+        referrer_policy="no-referrer",
     )
 
     for module in (auth, users, tasks, analytics, health):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
     register_request_id(app)
+    init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
+    app.cli.add_command(purge_tokens_command)
     return app
 
 

@@ -5,11 +5,11 @@ import flask_migrate
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from marshmallow import ValidationError
-from sqlalchemy import inspect, select
+from sqlalchemy import delete, inspect, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config import DEFAULT_ADMIN_PASSWORD, ConfigError, startup_lock
-from models import User, db
+from models import LoginSession, RevokedToken, User, db, utcnow
 from routes.auth import create_user, duplicate_user
 from routes.errors import describe_validation, is_transient
 from schemas import RegisterSchema
@@ -42,13 +42,24 @@ def create_admin_command(username: str | None, email: str | None, full_name: str
         raise click.UsageError(describe_validation(error.normalized_messages())) from None
     if not schema_exists():
         raise click.ClickException("The database has no tables yet: run `flask db upgrade` first.")
-    create_user(**data)
+    create_user(**data, is_admin=True)
     try:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
         raise click.ClickException(duplicate_user(data["username"], data["email"]).message) from None
     click.echo(f"Created administrator '{data['username']}'.")
+
+
+@click.command("purge-tokens")
+@with_appcontext
+def purge_tokens_command() -> None:
+    """Delete blocklist entries and login sessions whose tokens have all expired (safe to run at any time)."""
+    now = utcnow()
+    revoked = db.session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= now)).rowcount
+    sessions = db.session.execute(delete(LoginSession).where(LoginSession.expires_at <= now)).rowcount
+    db.session.commit()
+    click.echo(f"Purged {revoked} expired blocklist entries and {sessions} expired login sessions.")
 
 
 def prepare_database(app: Flask) -> None:
@@ -83,7 +94,7 @@ def create_first_admin(app: Flask) -> None:
             return  # `flask db upgrade` is about to create it; the next start creates the admin
         if db.session.scalar(select(User.id).limit(1)) is not None:
             return
-        create_user(**data)
+        create_user(**data, is_admin=True)
         db.session.commit()
     except IntegrityError:
         db.session.rollback()  # another worker starting at the same time created it first

@@ -5,9 +5,11 @@ import re
 import secrets
 from collections.abc import Mapping
 from datetime import timedelta
+from functools import cache
 from pathlib import Path
 
 from filelock import FileLock
+from limits import parse_many
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from werkzeug.security import generate_password_hash
@@ -18,6 +20,20 @@ DEFAULT_CORS_ORIGINS = "http://localhost:4200,http://127.0.0.1:4200"
 DEFAULT_ADMIN_PASSWORD = "admin123"  # development only, documented, and warned about when used
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
+# Values that appear in documentation, tutorials and this project's own files: never secret in production.
+WELL_KNOWN_SECRETS = frozenset(
+    {"changeme", "change-me", "change_me", "secret", "secret-key", "dev", "development", "test", "password"}
+)
+WELL_KNOWN_SECRET_WORDS = ("change-me", "changeme", "change_me", "replace-me", "your-secret", "example", "test-")
+WELL_KNOWN_PASSWORDS = frozenset(
+    {DEFAULT_ADMIN_PASSWORD, "password", "password1", "admin", "administrator", "changeme"}
+)
+# Werkzeug method for new password hashes: OWASP's PBKDF2-HMAC-SHA256 minimum. Measured here per login:
+# 144 ms and no extra memory, where scrypt N=2^17 takes 377 ms and 128 MiB (README, "Password storage").
+DEFAULT_PASSWORD_HASH_METHOD = "pbkdf2:sha256:600000"
+# OWASP password-storage minimums: PBKDF2 iterations per digest, and scrypt (N, p) pairs with r >= 8.
+OWASP_PBKDF2_ITERATIONS = {"sha256": 600_000, "sha512": 210_000, "sha1": 1_300_000}
+OWASP_SCRYPT_N_P = ((2**17, 1), (2**16, 2), (2**15, 3), (2**14, 5), (2**13, 10))
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 APP_ENVS = ("development", "production")
 # An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
@@ -66,17 +82,52 @@ def parse_port(name: str, value: str | None, default: int) -> int:
     return int(value)
 
 
+@cache  # learnt by hashing once, which takes as long as a login: once per process is enough
 def checked_hash_method(method: str) -> str:
+    """The method in Werkzeug's full form ("scrypt" -> "scrypt:32768:8:1"), which stored hashes begin with."""
     try:
-        generate_password_hash("probe", method=method)
+        return generate_password_hash("probe", method=method).partition("$")[0]
     except ValueError as error:
         raise ConfigError(f"PASSWORD_HASH_METHOD {method!r} is not a Werkzeug hash method: {error}") from None
-    return method
+
+
+def meets_owasp_minimum(method: str) -> bool:
+    """Is a full Werkzeug method ("pbkdf2:sha256:600000", "scrypt:131072:8:1") at or above OWASP's minimums?"""
+    name, *params = method.split(":")
+    if name == "pbkdf2" and len(params) == 2 and params[1].isdigit():
+        return int(params[1]) >= OWASP_PBKDF2_ITERATIONS.get(params[0], float("inf"))
+    if name == "scrypt" and len(params) == 3 and all(param.isdigit() for param in params):
+        n, r, p = map(int, params)
+        return r >= 8 and any(n >= min_n and p >= min_p for min_n, min_p in OWASP_SCRYPT_N_P)
+    return False
+
+
+def parse_limits(name: str, value: str) -> str:
+    """A Flask-Limiter rate limit string such as "10 per minute" or "5 per 15 minutes; 100 per day"."""
+    try:
+        if parse_many(value):
+            return value
+    except ValueError:
+        pass
+    raise ConfigError(f"{name} must be a rate limit such as '10 per minute', not {value!r}.")
+
+
+def parse_count(name: str, value: str | None, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit() and int(value) <= 10):
+        raise ConfigError(f"{name} must be a whole number from 0 to 10, not {value!r}.")
+    return int(value)
 
 
 def parse_origins(value: str) -> list[str]:
     origins = [origin.strip() for origin in value.split(",") if origin.strip()]
     for origin in origins:
+        if "*" in origin:
+            raise ConfigError(
+                f"CORS_ORIGIN must not contain a wildcard ({origin!r}): list each allowed origin exactly, "
+                "such as https://tasks.example.com."
+            )
         if not ORIGIN.fullmatch(origin):
             raise ConfigError(f"CORS_ORIGIN must list exact origins such as https://tasks.example.com, not {origin!r}.")
     return origins
@@ -115,13 +166,13 @@ class Config:
         self.SECRET_KEY = env("SECRET_KEY")
         self.JWT_SECRET_KEY = env("JWT_SECRET_KEY")
         self.JWT_ACCESS_TOKEN_EXPIRES = timedelta(hours=24)
+        self.JWT_REFRESH_TOKEN_EXPIRES = timedelta(days=30)
         self.JWT_TOKEN_LOCATION = ["headers"]
         self.JWT_COOKIE_CSRF_PROTECT = False  # bearer headers only: no cookies, so no CSRF claim to carry
         self.JWT_ALGORITHM = "HS256"
         self.JWT_DECODE_ALGORITHMS = ["HS256"]
         # Checked by hashing once, when set: a typo would otherwise surface as a 500 on every login.
-        hash_method = env("PASSWORD_HASH_METHOD")
-        self.PASSWORD_HASH_METHOD = checked_hash_method(hash_method) if hash_method else "scrypt"
+        self.PASSWORD_HASH_METHOD = checked_hash_method(env("PASSWORD_HASH_METHOD", DEFAULT_PASSWORD_HASH_METHOD))
 
         self.ADMIN_USERNAME = env("ADMIN_USERNAME", "admin")
         self.ADMIN_EMAIL = env("ADMIN_EMAIL", "admin@finstack.com")
@@ -129,6 +180,21 @@ class Config:
 
         self.CORS_ORIGINS = parse_origins(env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS))
         self.MAX_CONTENT_LENGTH = 1024 * 1024
+        # Render's load balancer adds one X-Forwarded-For hop; trust exactly that many, so clients cannot spoof it.
+        self.TRUSTED_PROXY_COUNT = parse_count("TRUSTED_PROXY_COUNT", env("TRUSTED_PROXY_COUNT"), default=0)
+
+        # Rate limits (Flask-Limiter reads the RATELIMIT_* names). Memory counts per worker process: production
+        # needs a shared store, Redis, so that every worker and instance counts together.
+        self.RATELIMIT_ENABLED = parse_flag("RATELIMIT_ENABLED", env("RATELIMIT_ENABLED"), default=True)
+        self.RATELIMIT_STORAGE_URI = env("RATELIMIT_STORAGE_URI", None if production else "memory://")
+        self.RATELIMIT_DEFAULT = parse_limits("RATELIMIT_DEFAULT", env("RATELIMIT_DEFAULT", "300 per minute"))
+        self.RATELIMIT_LOGIN = parse_limits("RATELIMIT_LOGIN", env("RATELIMIT_LOGIN", "10 per minute"))
+        self.RATELIMIT_LOGIN_FAILURES = parse_limits(
+            "RATELIMIT_LOGIN_FAILURES", env("RATELIMIT_LOGIN_FAILURES", "5 per 15 minutes")
+        )
+        self.RATELIMIT_REGISTER = parse_limits("RATELIMIT_REGISTER", env("RATELIMIT_REGISTER", "10 per minute"))
+        self.RATELIMIT_REFRESH = parse_limits("RATELIMIT_REFRESH", env("RATELIMIT_REFRESH", "10 per minute"))
+        self.RATELIMIT_KEY_PREFIX = env("RATELIMIT_KEY_PREFIX", "finstack")
         self.LOG_LEVEL = env("LOG_LEVEL", "INFO").upper()
         if self.LOG_LEVEL not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.LOG_LEVEL!r}.")
@@ -146,8 +212,45 @@ def resolve_secrets(config: dict, instance_path: str) -> None:
                 raise ConfigError(f"{name} must be set when APP_ENV=production.")
             if len(value.encode()) < MIN_SECRET_BYTES:
                 raise ConfigError(f"{name} must be at least {MIN_SECRET_BYTES} bytes long in production.")
+            if well_known_secret(value):
+                raise ConfigError(
+                    f"{name} looks like a placeholder or a published example, not a random secret: generate one with "
+                    '`python -c "import secrets; print(secrets.token_urlsafe(48))"`.'
+                )
         elif not value:
             config[name] = instance_secret(instance_path, name.lower())
+    if config["APP_ENV"] == "production" and config["SECRET_KEY"] == config["JWT_SECRET_KEY"]:
+        raise ConfigError("SECRET_KEY and JWT_SECRET_KEY must be two different secrets in production.")
+
+
+def well_known_secret(value: str) -> bool:
+    lowered = value.lower()
+    return (
+        lowered in WELL_KNOWN_SECRETS
+        or any(word in lowered for word in WELL_KNOWN_SECRET_WORDS)
+        or len(set(value)) < 10  # "aaaa...", "0123456789" repeated: typed, not generated
+    )
+
+
+def check_production_settings(config: Mapping) -> None:
+    """Refuse production settings that would be unsafe, each with the fix in the message."""
+    if config["APP_ENV"] != "production":
+        return
+    password = config.get("ADMIN_PASSWORD")
+    if password and password.lower() in WELL_KNOWN_PASSWORDS:
+        raise ConfigError(
+            f"ADMIN_PASSWORD must not be a well-known password such as {DEFAULT_ADMIN_PASSWORD!r} in production."
+        )
+    if not meets_owasp_minimum(config["PASSWORD_HASH_METHOD"]):
+        raise ConfigError(
+            f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r} is below the OWASP minimums: use "
+            f"{DEFAULT_PASSWORD_HASH_METHOD} (the default) or scrypt:131072:8:1."
+        )
+    if config["RATELIMIT_ENABLED"] and not config.get("RATELIMIT_STORAGE_URI"):
+        raise ConfigError(
+            "RATELIMIT_STORAGE_URI must be set in production, to Redis (redis://host:6379), so that every worker "
+            "and instance shares one count; memory:// counts per worker process."
+        )
 
 
 def startup_lock(instance_path: str) -> FileLock:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, MetaData, String, Text, event
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, MetaData, String, Text, event, false
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry, relationship
 from sqlalchemy.types import TypeDecorator
@@ -100,12 +100,18 @@ class User(db.Model):
     full_name: Mapped[str] = mapped_column(String(120))
     is_active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    is_admin: Mapped[bool] = mapped_column(default=False, server_default=false())
+    phone: Mapped[str | None] = mapped_column(String(32))
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
 
     def check_password(self, password: str) -> bool:
         return check_password_hash(self.password_hash, password)
+
+    def password_needs_rehash(self) -> bool:
+        """Was the stored hash made with other parameters than the configured method (weaker ones, say)?"""
+        return self.password_hash.partition("$")[0] != current_app.config["PASSWORD_HASH_METHOD"]
 
     def __repr__(self) -> str:
         return f"<User {self.username}>"
@@ -134,3 +140,32 @@ class Task(db.Model):
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.entity_name!r} {self.status}>"
+
+
+class LoginSession(db.Model):
+    """One login and the tokens refreshed from it (a token family): its refresh token rotates at every refresh."""
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("app_users.id", ondelete="CASCADE"), index=True)
+    refresh_jti: Mapped[str] = mapped_column(String(36))  # the one refresh token of this login still usable
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)  # its refresh token's expiry: purged after it
+
+    def __repr__(self) -> str:
+        return f"<LoginSession {self.id} of {self.user_id}>"
+
+
+class RevokedToken(db.Model):
+    """The blocklist: a token's ``jti``, or a login session's id to revoke every token of that session.
+    Rows are useless once ``expires_at`` (the tokens' own expiry) has passed; ``flask purge-tokens`` removes them."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(String(36), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<RevokedToken {self.jti}>"

@@ -3,7 +3,7 @@
 from contextlib import suppress
 from datetime import UTC, date, datetime, time, timedelta
 
-from marshmallow import Schema, ValidationError, fields, post_load, pre_load
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
 from models import TASK_STATUSES
@@ -48,6 +48,15 @@ class Lowercase(Trimmed):
 
     def _deserialize(self, value, attr, data, **kwargs):
         return super()._deserialize(value, attr, data, **kwargs).lower()
+
+
+class JSONBoolean(fields.Boolean):
+    """true or false, as JSON writes them: not 1, "yes" or "on"."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 class QueryInteger(fields.Integer):
@@ -109,6 +118,38 @@ def as_timestamp(moment: date | datetime) -> datetime:
     return moment if isinstance(moment, datetime) else datetime.combine(moment, time.min, tzinfo=UTC)
 
 
+class Phone(Trimmed):
+    """An optional phone number as people write it ("+44 20 7946 0958"); an empty string clears it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            allow_none=True,
+            validate=[
+                Length(max=32),
+                Regexp(r"^\+?[0-9][0-9 ().-]*[0-9]$", error="Use digits, spaces, '()', '.', '-' and a leading '+'."),
+            ],
+            **kwargs,
+        )
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return super()._deserialize(value, attr, data, **kwargs) or None
+
+    def _validate(self, value):
+        if value is not None:
+            super()._validate(value)
+
+
+def password_field(**kwargs) -> Text:
+    return Text(required=True, load_only=True, validate=Length(min=8, max=128), **kwargs)
+
+
+def check_password_policy(password: str, username: str | None, email: str | None, field: str = "password") -> None:
+    """8 to 128 characters (checked by the field), and not the account's own username or email."""
+    lowered = password.strip().lower()
+    if lowered in {username, email, (email or "").partition("@")[0]} - {None, ""}:
+        raise ValidationError("Must not be your username or email address.", field)
+
+
 class UserSchema(Schema):
     id = fields.UUID(dump_only=True)
     username = fields.String(dump_only=True)
@@ -116,6 +157,16 @@ class UserSchema(Schema):
     full_name = fields.String(dump_only=True)
     is_active = fields.Boolean(dump_only=True)
     created_at = Timestamp(dump_only=True)
+    is_admin = fields.Boolean(dump_only=True)
+    phone = fields.String(dump_only=True)
+
+
+def email_field(**kwargs) -> Lowercase:
+    return Lowercase(validate=[Length(max=255), Email()], **kwargs)
+
+
+def full_name_field(**kwargs) -> Trimmed:
+    return Trimmed(validate=Length(min=1, max=120), **kwargs)
 
 
 class RegisterSchema(Schema):
@@ -130,14 +181,52 @@ class RegisterSchema(Schema):
             ),
         ],
     )
-    email = Lowercase(required=True, validate=[Length(max=255), Email()])
-    password = Text(required=True, load_only=True, validate=Length(min=8, max=128))
-    full_name = Trimmed(required=True, validate=Length(min=1, max=120))
+    email = email_field(required=True)
+    password = password_field()
+    full_name = full_name_field(required=True)
+
+    @validates_schema
+    def password_is_not_the_name(self, data, **kwargs):
+        if "password" in data:
+            check_password_policy(data["password"], data.get("username"), data.get("email"))
 
 
 class LoginSchema(Schema):
     username = Lowercase(required=True, validate=Length(min=1, max=255))
     password = Text(required=True, load_only=True, validate=Length(min=1, max=128))
+
+
+class RefreshSchema(Schema):
+    refresh_token = Text(validate=Length(min=1, max=4096))
+
+
+class PasswordChangeSchema(Schema):
+    current_password = Text(required=True, load_only=True, validate=Length(min=1, max=128))
+    new_password = password_field()
+
+    @validates_schema
+    def differs_from_current(self, data, **kwargs):
+        if data.get("new_password") is not None and data.get("new_password") == data.get("current_password"):
+            raise ValidationError("Must differ from the current password.", "new_password")
+
+
+class ProfileSchema(Schema):
+    """What people change about themselves with ``PATCH /api/users/me``."""
+
+    full_name = full_name_field()
+    email = email_field()
+    phone = Phone()
+
+
+class UserQuerySchema(Schema):
+    include_inactive = fields.Boolean(load_default=False)
+
+
+class UserAdminSchema(Schema):
+    """What an administrator changes about an account with ``PATCH /api/users/<id>``."""
+
+    is_active = JSONBoolean()
+    is_admin = JSONBoolean()
 
 
 class TaskSchema(Schema):

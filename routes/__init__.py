@@ -37,3 +37,9 @@ def load_args(schema: Schema) -> dict:
 def require_login() -> None:
     """``before_request`` guard for blueprints where every endpoint needs a valid access token."""
     verify_jwt_in_request()  # lets CORS preflights (OPTIONS) through by itself
+
+
+def no_store(response):
+    """``after_request`` for blueprints that answer with tokens or personal details: no cache may keep them."""
+    response.headers["Cache-Control"] = "no-store"
+    return response

@@ -1,21 +1,41 @@
-"""Registration, login and the current user; the JWT identity wiring lives here too."""
+"""Accounts and sessions: register, log in, refresh, log out, change the password; the JWT wiring lives here too."""
 
 import secrets
 import uuid
+from datetime import UTC, datetime
 from functools import cache
 
-from flask import Blueprint, current_app, request
-from flask_jwt_extended import JWTManager, create_access_token, current_user, jwt_required
-from sqlalchemy import or_, select
+from flask import Blueprint, current_app, g, request
+from flask_jwt_extended import (
+    JWTManager,
+    create_access_token,
+    create_refresh_token,
+    current_user,
+    decode_token,
+    get_jwt,
+    jwt_required,
+)
+from marshmallow import ValidationError
+from sqlalchemy import exists, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from models import User, db
-from routes import load_json
-from routes.errors import APIError
-from schemas import LoginSchema, RegisterSchema, UserSchema
+from models import LoginSession, RevokedToken, User, db, utcnow
+from routes import load_json, no_store
+from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
+from routes.limits import forgive_password_attempts, spend_password_attempt
+from schemas import (
+    LoginSchema,
+    PasswordChangeSchema,
+    RefreshSchema,
+    RegisterSchema,
+    UserSchema,
+    check_password_policy,
+)
 
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
+bp.after_request(no_store)
 jwt = JWTManager()
 user_schema = UserSchema()
 
@@ -36,17 +56,34 @@ def user_identity(user: User) -> str:
 @jwt.user_lookup_loader
 def load_user(_header: dict, payload: dict) -> User | None:
     """Load the token's user on every request, so deleted and deactivated accounts lose access at once."""
-    try:
-        user_id = uuid.UUID(payload["sub"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    user = db.session.get(User, user_id)
+    user, _revoked = token_owner(payload)
     return user if user is not None and user.is_active else None
 
 
-def create_user(username: str, email: str, password: str, full_name: str) -> User:
+def token_owner(payload: dict) -> tuple[User | None, bool]:
+    """The token's user, and whether the token or its login session is on the blocklist: one query, made once
+    per request for both JWT checks."""
+    cached = g.get("token_owner")
+    if cached is not None and cached[0] == payload.get("jti"):
+        return cached[1]
+    sid = session_id(payload)
+    try:
+        user_id = uuid.UUID(payload["sub"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        user_id = None
+    if sid is None or user_id is None:
+        owner = (None, True)  # every token this app issues names its user and its session
+    else:
+        revoked = exists().where(RevokedToken.jti.in_((payload["jti"], str(sid))))
+        row = db.session.execute(select(User, revoked.label("revoked")).where(User.id == user_id)).first()
+        owner = (row.User, row.revoked) if row is not None else (None, False)
+    g.token_owner = (payload.get("jti"), owner)
+    return owner
+
+
+def create_user(username: str, email: str, password: str, full_name: str, is_admin: bool = False) -> User:
     """Add a user to the session; the caller commits and handles a duplicate with ``duplicate_user``."""
-    user = User(username=username, email=email, full_name=full_name)
+    user = User(username=username, email=email, full_name=full_name, is_admin=is_admin)
     user.set_password(password)
     db.session.add(user)
     return user
@@ -75,15 +112,93 @@ def stand_in_hash(method: str) -> str:
 def authenticate(username: str, password: str) -> User | None:
     """The active user with these credentials. An unknown username costs the same hash check as a wrong
     password, so response times do not tell which usernames exist."""
-    user = db.session.scalar(select(User).where(User.username == username))
+    # The row stays locked until the commit: a password change or deactivation running at the same time
+    # either waits for this login (and then ends its session) or goes first (and then this login fails).
+    user = db.session.scalar(select(User).where(User.username == username).with_for_update(key_share=True))
     if user is None:
         check_password_hash(stand_in_hash(current_app.config["PASSWORD_HASH_METHOD"]), password)
         return None
     return user if user.check_password(password) and user.is_active else None
 
 
-def session_response(message: str, user: User) -> dict:
-    return {"message": message, "user": user_schema.dump(user), "access_token": create_access_token(user)}
+def start_session(user: User) -> dict:
+    """A new login session for ``user`` (flushed already) and its first tokens; the caller commits."""
+    session = LoginSession(id=uuid.uuid4(), user_id=user.id)
+    db.session.add(session)
+    return issue_tokens(session, user)
+
+
+def issue_tokens(session: LoginSession, user: User) -> dict:
+    """An access token and a refresh token for the session; only this refresh token may refresh it next."""
+    claims = {"sid": str(session.id)}
+    access_token = create_access_token(user, additional_claims=claims)
+    refresh_token = create_refresh_token(user, additional_claims=claims)
+    refresh = decode_token(refresh_token)
+    session.refresh_jti = refresh["jti"]
+    session.expires_at = datetime.fromtimestamp(refresh["exp"], UTC)
+    return {"access_token": access_token, "refresh_token": refresh_token}
+
+
+def session_id(payload: dict) -> uuid.UUID | None:
+    """The login session a token belongs to (every token this app issues names one)."""
+    try:
+        return uuid.UUID(payload["sid"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+@jwt.token_in_blocklist_loader
+def is_revoked(_header: dict, payload: dict) -> bool:
+    """Is this token, or the login session it belongs to, on the blocklist? Tokens without a session never pass."""
+    return bool(token_owner(payload)[1])
+
+
+def revoke(expiry_by_id: dict[str, datetime]) -> None:
+    """Blocklist token or session ids until their expiry; ids already there stay as they are."""
+    if not expiry_by_id:
+        return
+    insert = postgresql.insert if db.session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    now = utcnow()
+    rows = [{"jti": key, "expires_at": expires_at, "revoked_at": now} for key, expires_at in expiry_by_id.items()]
+    db.session.execute(insert(RevokedToken).values(rows).on_conflict_do_nothing(index_elements=["jti"]))
+
+
+def end_sessions(*conditions) -> int:
+    """Revoke the live login sessions matching ``conditions``: every access and refresh token issued in them.
+    The sessions are locked first, so a refresh in flight either completes before or sees them revoked."""
+    sessions = db.session.scalars(
+        select(LoginSession)
+        .where(LoginSession.expires_at > utcnow(), *conditions)
+        .order_by(LoginSession.id)
+        .with_for_update()
+    ).all()
+    revoke({str(session.id): session.expires_at for session in sessions})
+    return len(sessions)
+
+
+def revoked_now(payload: dict) -> bool:
+    """Read the blocklist again (after taking a lock), whatever this request has read before."""
+    keys = (payload["jti"], payload["sid"])
+    return bool(db.session.scalar(select(exists().where(RevokedToken.jti.in_(keys)))))
+
+
+def session_response(message: str, user: User, tokens: dict) -> dict:
+    return {"message": message, "user": user_schema.dump(user), **tokens}
+
+
+def presented_refresh_token() -> str:
+    """The refresh token: ``{"refresh_token": ...}`` in the body, else the Authorization header's bearer token."""
+    if request.get_data(cache=True).strip():
+        token = load_json(RefreshSchema()).get("refresh_token")
+        if token:
+            return token
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme == "Bearer" and token.strip():
+        return token.strip()
+    raise APIError(
+        'Send the refresh token as {"refresh_token": "..."} or as an \'Authorization: Bearer <refresh_token>\' header.',
+        401,
+    )
 
 
 @bp.post("/register")
@@ -92,22 +207,92 @@ def register():
     data = load_json(RegisterSchema())
     user = create_user(**data)
     try:
-        db.session.commit()
+        db.session.flush()
     except IntegrityError:
         # The unique constraints decide, so parallel registrations of one name give one 201 and 409s.
         db.session.rollback()
         raise duplicate_user(data["username"], data["email"]) from None
-    return session_response("Registration successful.", user), 201
+    tokens = start_session(user)
+    db.session.commit()
+    return session_response("Registration successful.", user, tokens), 201
 
 
 @bp.post("/login")
 def login():
-    """Exchange a username and password for an access token."""
+    """Exchange a username and password for an access token and a refresh token."""
     data = load_json(LoginSchema())
+    spend_password_attempt(data["username"])
     user = authenticate(data["username"], data["password"])
     if user is None:
         raise APIError("Invalid username or password.", 401)
-    return session_response("Login successful.", user)
+    forgive_password_attempts(data["username"])
+    if user.password_needs_rehash():
+        user.set_password(data["password"])  # made with older, weaker parameters: upgrade it now we know it
+    tokens = start_session(user)
+    db.session.commit()
+    return session_response("Login successful.", user, tokens)
+
+
+@bp.post("/refresh")
+def refresh():
+    """A new access token and a new refresh token for a refresh token, which is then spent: presenting a spent
+    one again means it was copied, so the whole login session is revoked."""
+    payload = decode_token(presented_refresh_token())  # bad, tampered and expired tokens: 401 via the JWT callbacks
+    if payload.get("type") != "refresh":
+        raise APIError("Send a refresh token here, not an access token.", 401)
+    sid = session_id(payload)
+    session = sid and db.session.get(LoginSession, sid, with_for_update=True)  # one refresh of a session at a time
+    if session is None or str(session.user_id) != payload["sub"] or revoked_now(payload):
+        raise APIError(TOKEN_REVOKED, 401)
+    if session.refresh_jti != payload["jti"]:
+        end_sessions(LoginSession.id == session.id)
+        db.session.commit()
+        current_app.logger.warning(
+            "Spent refresh token presented again from %s: revoked session %s of user %s.",
+            request.remote_addr, session.id, session.user_id,
+        )  # fmt: skip
+        raise APIError("This refresh token was already used, so its session has been ended: log in again.", 401)
+    user = load_user({}, payload)
+    if user is None:
+        raise APIError(ACCOUNT_GONE, 401)
+    tokens = issue_tokens(session, user)
+    db.session.commit()
+    return tokens
+
+
+@bp.post("/logout")
+@jwt_required(verify_type=False)
+def logout():
+    """End this login: the presented token, its refresh token and every access token of its session stop working."""
+    payload = get_jwt()
+    session = db.session.get(LoginSession, session_id(payload), with_for_update=True)
+    revoked = {payload["jti"]: datetime.fromtimestamp(payload["exp"], UTC)}
+    if session is not None:
+        revoked[str(session.id)] = session.expires_at
+    revoke(revoked)
+    db.session.commit()
+    return {"message": "Logged out."}
+
+
+@bp.put("/password")
+@jwt_required()
+def change_password():
+    """Change one's password; every other session of the account is logged out."""
+    data = load_json(PasswordChangeSchema())
+    user = current_user
+    check_password_policy(data["new_password"], user.username, user.email, "new_password")
+    spend_password_attempt(user.username)  # a stolen access token must not make guessing cheap
+    # Lock the account, so a login or another change in flight finishes first and is seen below.
+    db.session.refresh(user, with_for_update={"key_share": True})
+    if revoked_now(get_jwt()):
+        raise APIError(TOKEN_REVOKED, 401)  # another change of password has just ended this session
+    if not user.check_password(data["current_password"]):
+        raise ValidationError("Not your current password.", "current_password")
+    forgive_password_attempts(user.username)
+    user.set_password(data["new_password"])
+    ended = end_sessions(LoginSession.user_id == user.id, LoginSession.id != session_id(get_jwt()))
+    db.session.commit()
+    return {"message": f"Password changed. {ended} other session(s) logged out.", "sessions_ended": ended}
 
 
 @bp.get("/me")

@@ -4,6 +4,7 @@ import sqlite3
 from functools import partial
 
 from flask import Flask, current_app, g, jsonify, request
+from flask_limiter import RateLimitExceeded
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -23,21 +24,25 @@ HTTP_MESSAGES = {
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 TRANSIENT_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
 NAMED_FIELDS = 5
+TOKEN_REVOKED = "Token has been revoked: log in again."
+ACCOUNT_GONE = "This account no longer exists or has been deactivated."
 
 
 class APIError(Exception):
     """An expected failure, answered with ``status`` and the error envelope."""
 
-    def __init__(self, message: str, status: int = 400, details: dict | None = None):
+    def __init__(self, message: str, status: int = 400, details: dict | None = None, headers: dict | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.details = details or {}
+        self.headers = headers or {}
 
 
-def error_response(message: str, status: int, details: dict | None = None):
+def error_response(message: str, status: int, details: dict | None = None, headers: dict | None = None):
     response = jsonify(error=message, details=details or {})
     response.status_code = status
+    response.headers.update(headers or {})
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="FinStack Tasks"'  # RFC 6750
     return response
@@ -90,12 +95,27 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(APIError)
     def handle_api_error(error: APIError):
-        return error_response(error.message, error.status, error.details)
+        return error_response(error.message, error.status, error.details, error.headers)
 
     @app.errorhandler(ValidationError)
     def handle_validation_error(error: ValidationError):
         messages = {printable(field): problems for field, problems in error.normalized_messages().items()}
         return error_response(describe_validation(messages), 400, messages)
+
+    @app.errorhandler(RateLimitExceeded)
+    def handle_rate_limited(error: RateLimitExceeded):
+        # Retry-After and X-RateLimit-* are added by the limiter after this; the message is for people.
+        current_app.logger.warning(
+            "Rate limit %s exceeded on %s %s from %s",
+            error.limit.limit,
+            request.method,
+            request.path,
+            request.remote_addr,
+        )
+        message = (
+            error.description if error.limit.error_message else "Too many requests: slow down and try again later."
+        )
+        return error_response(message, 429, {"limit": str(error.limit.limit)})
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error: HTTPException):
@@ -129,16 +149,18 @@ def register_error_handlers(app: Flask) -> None:
             return handle_unexpected_error(error)
         db.session.rollback()
         current_app.logger.error(
-            "Database %s on %s %s (request %s): %s", problem, request.method, request.path, g.get("request_id"), error
-        )
+            "Database %s on %s %s from %s (request %s): %s",
+            problem, request.method, request.path, request.remote_addr, g.get("request_id"), error,
+        )  # fmt: skip
         return error_response(message, 503)
 
     @app.errorhandler(Exception)
     def handle_unexpected_error(error: Exception):
         db.session.rollback()
         current_app.logger.error(
-            "Unhandled error on %s %s (request %s)", request.method, request.path, g.get("request_id"), exc_info=error
-        )
+            "Unhandled error on %s %s from %s (request %s)",
+            request.method, request.path, request.remote_addr, g.get("request_id"), exc_info=error,
+        )  # fmt: skip
         return error_response(
             "Internal server error; quote the request_id when you report it.", 500, {"request_id": g.get("request_id")}
         )
@@ -165,9 +187,9 @@ def register_jwt_callbacks(jwt) -> None:
 
     for register, message in (
         (jwt.expired_token_loader, "Token has expired: log in again."),
-        (jwt.revoked_token_loader, "Token has been revoked: log in again."),
+        (jwt.revoked_token_loader, TOKEN_REVOKED),
         (jwt.needs_fresh_token_loader, "A fresh login is required for this action."),
         (jwt.token_verification_failed_loader, "Invalid token: log in again."),
-        (jwt.user_lookup_error_loader, "This account no longer exists or has been deactivated."),
+        (jwt.user_lookup_error_loader, ACCOUNT_GONE),
     ):
         register(partial(token_rejected, message))

@@ -45,9 +45,18 @@ def sort_keys(sort_by: str, descending: bool) -> list:
     return [key.desc() if descending else key.asc() for key in keys]
 
 
+def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID | None) -> bool:
+    """Tasks are visible to the whole team; their creator, their assignee and administrators change them."""
+    return user.is_admin or user.id in (creator_id, assignee_id)
+
+
 def task_for_update(task_id: uuid.UUID) -> Task:
-    """The task, locked until the commit, so concurrent edits and deletes of it wait their turn."""
-    return db.get_or_404(Task, task_id, description="Task not found.", with_for_update={"of": Task})
+    """The task, locked until the commit (so concurrent edits and deletes of it wait their turn), if the caller
+    may change it."""
+    task = db.get_or_404(Task, task_id, description="Task not found.", with_for_update={"of": Task})
+    if not may_change(get_current_user(), task.created_by_id, task.contact_person_id):
+        raise APIError("Only the task's creator, its assignee or an administrator can change this task.", 403)
+    return task
 
 
 def active_user(user_id: uuid.UUID) -> User:
@@ -128,12 +137,27 @@ def bulk_update_status():
     status = data["status"]
     # Lock the rows in id order first: overlapping bulk updates queue instead of deadlocking, and the
     # timestamp below is taken after any edit that committed while this request waited.
-    locked = select(Task.id).where(Task.id.in_(task_ids)).order_by(Task.id).with_for_update()
-    found = set(db.session.scalars(locked))
+    locked = (
+        select(Task.id, Task.created_by_id, Task.contact_person_id)
+        .where(Task.id.in_(task_ids))
+        .order_by(Task.id)
+        .with_for_update()
+    )
+    rows = db.session.execute(locked).all()
+    found = {row.id for row in rows}
     missing = [str(task_id) for task_id in task_ids if task_id not in found]
     if missing:
         raise APIError(
             f"No task found for {len(missing)} of the ids; nothing was changed.", 404, {"not_found": missing}
+        )
+    user = get_current_user()
+    refused = {row.id for row in rows if not may_change(user, row.created_by_id, row.contact_person_id)}
+    if refused:
+        raise APIError(
+            f"You may not change {len(refused)} of these tasks (only their creator, assignee or an administrator "
+            "can); nothing was changed.",
+            403,
+            {"forbidden": [str(task_id) for task_id in task_ids if task_id in refused]},
         )
     # Tasks already in that status keep their updated_at: nothing about them changed.
     touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
@@ -149,11 +173,15 @@ def bulk_update_status():
 
 @bp.delete("/<uuid:task_id>")
 def delete_task(task_id: uuid.UUID):
-    """Delete a task for good; of two deletes at once, one gets a 404."""
-    deleted = db.session.scalar(
-        delete(Task).where(Task.id == task_id).returning(Task.id).execution_options(synchronize_session=False)
-    )
+    """Delete a task for good (its creator or an administrator); of two deletes at once, one gets a 404."""
+    user = get_current_user()
+    stmt = delete(Task).where(Task.id == task_id)
+    if not user.is_admin:
+        stmt = stmt.where(Task.created_by_id == user.id)
+    deleted = db.session.scalar(stmt.returning(Task.id).execution_options(synchronize_session=False))
     if deleted is None:
-        raise APIError("Task not found.", 404)
+        if db.session.scalar(select(Task.id).where(Task.id == task_id)) is None:
+            raise APIError("Task not found.", 404)
+        raise APIError("Only the task's creator or an administrator can delete this task.", 403)
     db.session.commit()
     return {"message": "Task deleted."}

@@ -1,20 +1,94 @@
-"""The people tasks can be assigned to."""
+"""People: the assignment list, one's own profile, and the administrators' account controls."""
+
+import uuid
 
 from flask import Blueprint
+from flask_jwt_extended import current_user
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
-from models import User, db
-from routes import require_login
-from schemas import UserSchema
+from models import LoginSession, User, db
+from routes import load_args, load_json, no_store, require_login
+from routes.auth import end_sessions
+from routes.errors import APIError
+from schemas import ProfileSchema, UserAdminSchema, UserQuerySchema, UserSchema
 
 bp = Blueprint("users", __name__, url_prefix="/api/users")
 bp.before_request(require_login)
+bp.after_request(no_store)
+user_schema = UserSchema()
+
+
+def require_admin() -> None:
+    if not current_user.is_admin:
+        raise APIError("Only an administrator can do this.", 403)
 
 
 @bp.get("")
 def list_users():
-    """Active users, by name, for the assignment drop-down."""
-    users = db.session.scalars(
-        select(User).where(User.is_active).order_by(func.lower(User.full_name), User.full_name, User.username)
+    """Active users by name, for the assignment drop-down; administrators may ask for inactive ones too."""
+    args = load_args(UserQuerySchema())
+    stmt = select(User).order_by(func.lower(User.full_name), User.full_name, User.username)
+    if args["include_inactive"]:
+        require_admin()
+    else:
+        stmt = stmt.where(User.is_active)
+    return {"users": user_schema.dump(db.session.scalars(stmt), many=True)}
+
+
+@bp.get("/me")
+def get_me():
+    """The signed-in user's profile."""
+    return {"user": user_schema.dump(current_user)}
+
+
+@bp.patch("/me")
+def update_me():
+    """Change one's own full name, email or phone (``null`` or "" clears the phone)."""
+    data = load_json(ProfileSchema())
+    if not data:
+        raise APIError("Nothing to update: send full_name, email or phone.")
+    for field, value in data.items():
+        setattr(current_user, field, value)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()  # the unique constraint decides, so two people claiming one address get one 409
+        raise APIError(
+            "This email is already registered.", 409, {"email": ["This email is already registered."]}
+        ) from None
+    return {"message": "Profile updated.", "user": user_schema.dump(current_user)}
+
+
+@bp.patch("/<uuid:user_id>")
+def update_user(user_id: uuid.UUID):
+    """Administrators activate or deactivate an account, or grant or remove admin; the last active
+    administrator cannot be deactivated or demoted."""
+    require_admin()
+    data = load_json(UserAdminSchema())
+    if not data:
+        raise APIError("Nothing to update: send is_active or is_admin.")
+    # Lock every active administrator, in id order: of two administrators demoting each other at once,
+    # the second waits, then sees the first change and is refused.
+    admins = set(
+        db.session.scalars(
+            select(User.id).where(User.is_admin, User.is_active).order_by(User.id).with_for_update(key_share=True)
+        )
     )
-    return {"users": UserSchema(many=True).dump(users)}
+    if current_user.id not in admins:
+        raise APIError("Only an administrator can do this.", 403)  # demoted while this request waited
+    user = db.get_or_404(User, user_id, description="User not found.", with_for_update={"key_share": True})
+    stays_admin = data.get("is_admin", user.is_admin) and data.get("is_active", user.is_active)
+    if admins == {user.id} and not stays_admin:
+        raise APIError(
+            "This is the last active administrator: make someone else an administrator first.",
+            409,
+            {field: ["The last active administrator must stay an active administrator."] for field in data},
+        )
+    deactivated = user.is_active and data.get("is_active") is False
+    for field, value in data.items():
+        setattr(user, field, value)
+    if deactivated:
+        end_sessions(LoginSession.user_id == user.id)  # reactivation later must not revive old tokens
+    db.session.commit()
+    return {"message": "User updated.", "user": user_schema.dump(user)}

@@ -8,12 +8,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import pytest
+import redis
 import sqlalchemy as sa
 from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from app import create_app
-from helpers import PASSWORD, POSTGRES_URL, Server, settings, token_for
+from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Server, settings, token_for
 from models import Task, User, db
 from schemas import TaskSchema
 
@@ -33,6 +34,15 @@ APP_ENVIRONMENT = (
     "ADMIN_PASSWORD",
     "CORS_ORIGIN",
     "LOG_LEVEL",
+    "TRUSTED_PROXY_COUNT",
+    "RATELIMIT_ENABLED",
+    "RATELIMIT_STORAGE_URI",
+    "RATELIMIT_DEFAULT",
+    "RATELIMIT_LOGIN",
+    "RATELIMIT_LOGIN_FAILURES",
+    "RATELIMIT_REGISTER",
+    "RATELIMIT_REFRESH",
+    "RATELIMIT_KEY_PREFIX",
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()
@@ -90,10 +100,46 @@ def clean_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def app_overrides(request) -> dict:
+    """Settings from the test's ``app_config`` marker and, when it uses them, its ``rate_limit_storage`` and
+    ``redis_prefix``."""
+    marker = request.node.get_closest_marker("app_config")
+    overrides = dict(marker.kwargs) if marker else {}
+    if "rate_limit_storage" in request.fixturenames:
+        overrides |= request.getfixturevalue("rate_limit_storage")
+    if "redis_prefix" in request.fixturenames:
+        overrides["RATELIMIT_KEY_PREFIX"] = request.getfixturevalue("redis_prefix")
+    return overrides
+
+
 @pytest.fixture
-def app(tmp_path):
+def redis_prefix() -> str:
+    """A key prefix of the test's own in the real Redis; its keys are deleted afterwards."""
+    prefix = f"finstack-test-{uuid.uuid4().hex}"
+    store = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        store.ping()
+    except redis.ConnectionError as error:
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable ({error}): start it (`.ci/run` does).")
+    yield prefix
+    for key in store.scan_iter(f"*{prefix}*"):
+        store.delete(key)
+    store.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def rate_limit_storage(request) -> dict:
+    """Run the test with limits counted in memory and in the real Redis (under a key prefix of its own)."""
+    if request.param == "memory":
+        return {"RATELIMIT_STORAGE_URI": "memory://"}
+    return {"RATELIMIT_STORAGE_URI": REDIS_URL, "RATELIMIT_KEY_PREFIX": request.getfixturevalue("redis_prefix")}
+
+
+@pytest.fixture
+def app(request, tmp_path):
+    overrides = app_overrides(request)
     if POSTGRES_URL is None:
-        app = create_app(settings(f"sqlite:///{tmp_path / 'test.db'}", tmp_path))
+        app = create_app(settings(f"sqlite:///{tmp_path / 'test.db'}", tmp_path, **overrides))
         with app.app_context():
             db.create_all()
         yield app
@@ -101,7 +147,7 @@ def app(tmp_path):
             db.engine.dispose()
         return
 
-    app = create_app(settings(POSTGRES_URL, tmp_path))
+    app = create_app(settings(POSTGRES_URL, tmp_path, **overrides))
     with app.app_context():
         connection = db.engine.connect()
     transaction = connection.begin()
@@ -159,8 +205,23 @@ def other_user(make_user):
 
 
 @pytest.fixture
+def admin(make_user):
+    return make_user("root", full_name="Rita Root", is_admin=True)
+
+
+@pytest.fixture
 def auth_headers(app, user):
     return {"Authorization": f"Bearer {token_for(app, user['id'])}"}
+
+
+@pytest.fixture
+def admin_headers(app, admin):
+    return {"Authorization": f"Bearer {token_for(app, admin['id'])}"}
+
+
+@pytest.fixture
+def other_headers(app, other_user):
+    return {"Authorization": f"Bearer {token_for(app, other_user['id'])}"}
 
 
 @pytest.fixture

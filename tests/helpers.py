@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -13,15 +14,24 @@ import uuid
 from pathlib import Path
 
 import pytest
-from flask_jwt_extended import create_access_token
+from flask_jwt_extended import create_access_token, decode_token
 
 from config import engine_options, normalise_database_url
 from models import User, db
+from routes.auth import start_session
 
 POSTGRES_URL = normalise_database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FAST_HASH = "scrypt:1024:8:1"
+# What production needs: real secrets (random, as an operator would generate them) and a shared limit store.
+PRODUCTION = {
+    "APP_ENV": "production",
+    "SECRET_KEY": secrets.token_urlsafe(48),
+    "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+    "RATELIMIT_STORAGE_URI": REDIS_URL,
+}
 PASSWORD = "correct-horse-battery"
-PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at"}
+PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone"}
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 # The server as development runs it: several workers, each building the app at once; and as `make run` does.
@@ -52,9 +62,23 @@ def settings(database_url: str, tmp_path, **overrides) -> dict:
     }
 
 
-def token_for(app, user_id: str, **kwargs) -> str:
+def tokens_for(app, user_id: str) -> dict:
+    """The access and refresh tokens of a new login session, as a login issues them."""
     with app.app_context():
-        return create_access_token(identity=db.session.get(User, uuid.UUID(user_id)), **kwargs)
+        tokens = start_session(db.session.get(User, uuid.UUID(user_id)))
+        db.session.commit()
+        return tokens
+
+
+def token_for(app, user_id: str, **kwargs) -> str:
+    """An access token of a new login session; ``kwargs`` go to create_access_token (``expires_delta=...``)."""
+    token = tokens_for(app, user_id)["access_token"]
+    if not kwargs:
+        return token
+    with app.app_context():
+        sid = decode_token(token)["sid"]
+        user = db.session.get(User, uuid.UUID(user_id))
+        return create_access_token(identity=user, additional_claims={"sid": sid}, **kwargs)
 
 
 def assert_error(response, status: int, *fields: str) -> dict:

@@ -1,10 +1,12 @@
 """The app's wiring: CORS, the token guard on every blueprint, and how the database is used."""
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from flask import request
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -102,7 +104,7 @@ def test_everything_but_login_register_health_needs_a_token(app, client):
     rules = [rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
 
     for rule in rules:
-        path = rule.rule.replace("<uuid:task_id>", str(uuid.uuid4()))
+        path = re.sub(r"<uuid:\w+>", str(uuid.uuid4()), rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             response = client.open(path, method=method, json={})
             if rule.rule in public:
@@ -137,3 +139,63 @@ def test_extreme_timestamps_survive_a_server_whose_time_zone_is_not_utc(fresh_da
         fetched = client.get(f"/api/tasks/{created.get_json()['task']['id']}", headers=headers)
         assert fetched.status_code == 200 and fetched.get_json()["task"]["task_time"] == moment
     assert client.get("/api/tasks?sort_by=task_time", headers=headers).status_code == 200
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/api/health", 200),
+        ("GET", "/api/tasks", 401),
+        ("GET", "/api/nowhere", 404),
+        ("POST", "/api/auth/login", 400),
+        ("DELETE", "/api/health", 405),
+    ],
+)
+def test_every_response_carries_the_security_headers(client, method, path, status):
+    response = client.open(path, method=method, json={} if method == "POST" else None)
+
+    assert response.status_code == status
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value, name
+
+
+def test_a_rate_limited_response_carries_them_too(client):
+    for _ in range(10):
+        client.post("/api/auth/login", json={})
+    response = client.post("/api/auth/login", json={})
+
+    assert_error(response, 429)
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_auth_and_user_responses_are_never_cached(client, user, auth_headers):
+    login = client.post("/api/auth/login", json={"username": "alice", "password": user["password"]})
+    failed = client.post("/api/auth/login", json={"username": "alice", "password": "wrong-password"})
+
+    for response in (login, failed, client.get("/api/users", headers=auth_headers)):
+        assert response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.app_config(TRUSTED_PROXY_COUNT=1)
+def test_behind_a_trusted_proxy_its_scheme_is_honoured(app, client):
+    seen = {}
+
+    @app.get("/api/probe-address")
+    def probe():
+        seen.update(address=request.remote_addr, secure=request.is_secure)
+        return {}
+
+    forwarded = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9", "X-Forwarded-Proto": "https"}
+    response = client.get("/api/probe-address", headers=forwarded)
+
+    assert seen == {"address": "203.0.113.9", "secure": True}
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")  # HSTS only over HTTPS
+    assert "Strict-Transport-Security" not in client.get("/api/probe-address").headers

@@ -28,7 +28,7 @@ def test_register_creates_user_and_returns_working_token(client):
 
     assert response.status_code == 201
     body = response.get_json()
-    assert set(body) == {"message", "user", "access_token"}
+    assert set(body) == {"message", "user", "access_token", "refresh_token"}
     assert set(body["user"]) == PUBLIC_USER_FIELDS
     assert body["user"]["username"] == "carol"
     assert body["user"]["is_active"] is True
@@ -110,7 +110,7 @@ def test_login_returns_user_and_token(client, user):
 
     assert response.status_code == 200
     body = response.get_json()
-    assert set(body) == {"message", "user", "access_token"}
+    assert set(body) == {"message", "user", "access_token", "refresh_token"}
     assert body["user"]["id"] == user["id"]
     assert set(body["user"]) == PUBLIC_USER_FIELDS
 
@@ -263,3 +263,13 @@ def test_token_of_deleted_user_is_rejected(app, client, user, auth_headers):
         db.session.commit()
 
     assert_error(client.get("/api/auth/me", headers=auth_headers), 401)
+
+
+@pytest.mark.parametrize("password", ["carolclark", "CarolClark ", "carol.clark@example.com", "Carol.Clark"])
+def test_register_refuses_the_username_or_email_as_password(client, password):
+    account = NEW_USER | {"username": "carolclark", "email": "carol.clark@example.com", "password": password}
+
+    body = assert_error(client.post("/api/auth/register", json=account), 400, "password")
+
+    assert body["details"]["password"] == ["Must not be your username or email address."]
+    assert client.post("/api/auth/register", json=account | {"password": "another-passphrase"}).status_code == 201

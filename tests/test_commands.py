@@ -3,6 +3,7 @@
 import logging
 import subprocess
 import sys
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -10,13 +11,18 @@ import sqlalchemy as sa
 from app import create_app
 from commands import prepare_database
 from config import ConfigError
-from helpers import ROOT, settings
+from helpers import PRODUCTION, ROOT, settings
 from models import User, db
 
 
 def users(app) -> list[str]:
     with app.app_context():
         return list(db.session.scalars(sa.select(User.username).order_by(User.username)))
+
+
+def admins(app) -> list[str]:
+    with app.app_context():
+        return list(db.session.scalars(sa.select(User.username).where(User.is_admin).order_by(User.username)))
 
 
 def login(app, username: str, password: str) -> int:
@@ -31,6 +37,7 @@ def test_create_admin_creates_a_user_who_can_log_in(app, runner):
     assert result.exit_code == 0, result.output
     assert "Created administrator 'root'" in result.output
     assert users(app) == ["root"]
+    assert admins(app) == ["root"]
     assert login(app, "root", "long-enough-1") == 200
 
 
@@ -81,6 +88,7 @@ def test_first_start_in_development_creates_the_documented_admin_and_warns(fresh
         app = development_app(fresh_database_url, tmp_path)
 
     assert users(app) == ["admin"]
+    assert admins(app) == ["admin"]
     assert login(app, "admin", "admin123") == 200
     with app.app_context():
         assert db.session.scalar(sa.select(User.email)) == "admin@finstack.com"
@@ -108,11 +116,9 @@ def test_admin_settings_override_the_default(fresh_database_url, tmp_path):
 
 
 def test_production_creates_an_admin_only_from_admin_settings(fresh_database_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("APP_ENV", "production")
+    for name, value in PRODUCTION.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATABASE_URL", fresh_database_url)
-    monkeypatch.setenv("SECRET_KEY", "s" * 40)
-    monkeypatch.setenv("JWT_SECRET_KEY", "j" * 40)
-    monkeypatch.setenv("PASSWORD_HASH_METHOD", "scrypt:1024:8:1")
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
     migrated = started(create_app({"AUTO_MIGRATE": True}))
     assert users(migrated) == []
@@ -149,7 +155,8 @@ def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp
     assert check.exit_code == 0, check.output
     with app.app_context():
         inspector = sa.inspect(db.engine)
-        assert set(inspector.get_table_names()) == {"alembic_version", "app_users", "tasks"}
+        assert set(inspector.get_table_names()) == {"alembic_version", *db.metadata.tables}
+        assert set(db.metadata.tables) == {"app_users", "tasks", "login_sessions", "revoked_tokens"}
         model_indexes = {index.name for index in db.metadata.tables["tasks"].indexes}
         assert {index["name"] for index in inspector.get_indexes("tasks")} == model_indexes
         assert len(model_indexes) == 8
@@ -216,9 +223,7 @@ def test_flask_create_admin_in_development_creates_only_that_admin(environment, 
 
 def test_flask_create_admin_in_production_as_the_readme_says(environment, fresh_database_url):
     production = environment | {
-        "APP_ENV": "production",
-        "SECRET_KEY": "s" * 40,
-        "JWT_SECRET_KEY": "j" * 40,
+        **PRODUCTION,
         "ADMIN_USERNAME": "ops",
         "ADMIN_EMAIL": "ops@finstack.com",
         "ADMIN_PASSWORD": "0ps-password",
@@ -255,3 +260,45 @@ def database_users(url: str) -> list[str]:
         names = connection.execute(sa.text("SELECT username FROM app_users ORDER BY username")).scalars().all()
     engine.dispose()
     return names
+
+
+@pytest.mark.parametrize(
+    ("accounts", "admin_setting", "expected"),
+    [
+        (["early-bird", "admin", "bob"], {}, "admin"),  # someone registered before the admin was created
+        (["alice", "ops", "bob"], {"ADMIN_USERNAME": "Ops"}, "ops"),
+        (["alice", "bob"], {}, "alice"),  # no such account: the oldest one
+    ],
+)
+def test_upgrading_an_existing_database_keeps_its_administrator_in_charge(
+    fresh_database_url, tmp_path, accounts, admin_setting, expected
+):
+    app = create_app(settings(fresh_database_url, tmp_path, **admin_setting))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["db", "upgrade", "0001"]).exit_code == 0
+    engine = sa.create_engine(fresh_database_url)
+    with engine.begin() as connection:
+        for n, username in enumerate(accounts):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO app_users (id, username, email, password_hash, full_name, is_active, created_at) "
+                    "VALUES (:id, :username, :email, 'x', :username, :active, :created_at)"
+                ),
+                {
+                    "id": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4()),
+                    "username": username,
+                    "email": f"{username}@example.com",
+                    "active": True,
+                    "created_at": f"2025-01-0{n + 1} 09:00:00",
+                },
+            )
+    engine.dispose()
+
+    result = runner.invoke(args=["db", "upgrade"])
+
+    assert result.exit_code == 0, result.output
+    assert admins(app) == [expected]
+
+
+def test_purge_tokens_is_listed_in_flask_help(runner):
+    assert "purge-tokens" in runner.invoke(args=["--help"]).output

@@ -8,8 +8,8 @@ import pytest
 
 import app as app_module
 from app import create_app
-from config import Config, ConfigError, normalise_database_url
-from helpers import ROOT, settings
+from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url
+from helpers import PRODUCTION, ROOT, settings
 from models import db
 
 
@@ -61,6 +61,11 @@ def test_cors_origin_is_a_comma_separated_list():
     [
         ({"AUTO_MIGRATE": "sometimes"}, "AUTO_MIGRATE must be true or false"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL must be"),
+        ({"RATELIMIT_LOGIN": "lots"}, "RATELIMIT_LOGIN must be a rate limit"),
+        ({"RATELIMIT_DEFAULT": "10 per fortnight"}, "RATELIMIT_DEFAULT must be a rate limit"),
+        ({"RATELIMIT_ENABLED": "perhaps"}, "RATELIMIT_ENABLED must be true or false"),
+        ({"TRUSTED_PROXY_COUNT": "-1"}, "TRUSTED_PROXY_COUNT must be a whole number"),
+        ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT must be a whole number"),
     ],
 )
 def test_a_malformed_setting_is_a_clear_error(environment, message):
@@ -123,13 +128,16 @@ def test_token_from_before_a_restart_stays_valid(tmp_path):
     assert after.test_client().get("/api/auth/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 
 
+SECRET, JWT_SECRET = PRODUCTION["SECRET_KEY"], PRODUCTION["JWT_SECRET_KEY"]
+
+
 @pytest.mark.parametrize(
     ("environment", "message"),
     [
-        ({"JWT_SECRET_KEY": "j" * 40}, "SECRET_KEY must be set"),
-        ({"SECRET_KEY": "s" * 40}, "JWT_SECRET_KEY must be set"),
-        ({"SECRET_KEY": "too-short", "JWT_SECRET_KEY": "j" * 40}, "SECRET_KEY must be at least 32 bytes"),
-        ({"SECRET_KEY": "s" * 40, "JWT_SECRET_KEY": "short"}, "JWT_SECRET_KEY must be at least 32 bytes"),
+        ({"JWT_SECRET_KEY": JWT_SECRET}, "SECRET_KEY must be set"),
+        ({"SECRET_KEY": SECRET}, "JWT_SECRET_KEY must be set"),
+        ({"SECRET_KEY": "too-short", "JWT_SECRET_KEY": JWT_SECRET}, "SECRET_KEY must be at least 32 bytes"),
+        ({"SECRET_KEY": SECRET, "JWT_SECRET_KEY": "short"}, "JWT_SECRET_KEY must be at least 32 bytes"),
     ],
 )
 def test_production_refuses_to_start_without_real_secrets(monkeypatch, tmp_path, environment, message):
@@ -147,13 +155,13 @@ def test_production_refuses_to_start_without_real_secrets(monkeypatch, tmp_path,
 def test_production_starts_with_real_secrets(monkeypatch, tmp_path):
     monkeypatch.setenv("APP_ENV", "production")
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'db.sqlite'}")
-    monkeypatch.setenv("SECRET_KEY", "s" * 40)
-    monkeypatch.setenv("JWT_SECRET_KEY", "j" * 40)
+    for name, value in PRODUCTION.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("INSTANCE_PATH", str(tmp_path / "instance"))
 
     app = create_app()
 
-    assert app.config["SECRET_KEY"] == "s" * 40
+    assert app.config["SECRET_KEY"] == SECRET
 
 
 def test_env_file_is_read_from_the_project_folder_wherever_the_server_starts(tmp_path, monkeypatch):
@@ -178,3 +186,87 @@ def test_env_file_can_be_switched_off(tmp_path, monkeypatch):
     app_module.load_env_file()
 
     assert "FINSTACK_ENV_FILE_PROBE" not in os.environ
+
+
+def production(tmp_path, **changes) -> dict:
+    environ = {**PRODUCTION, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "INSTANCE_PATH": str(tmp_path)}
+    return {name: value for name, value in (environ | changes).items() if value is not None}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"SECRET_KEY": "change-me-to-a-long-random-string-before-deploying"}, "SECRET_KEY looks like a placeholder"),
+        ({"JWT_SECRET_KEY": "x" * 64}, "JWT_SECRET_KEY looks like a placeholder"),
+        ({"JWT_SECRET_KEY": "test-jwt-secret-key-0123456789-0123456789-0123456789"}, "JWT_SECRET_KEY looks like"),
+        ({"JWT_SECRET_KEY": PRODUCTION["SECRET_KEY"]}, "must be two different secrets"),
+        ({"ADMIN_PASSWORD": "admin123"}, "ADMIN_PASSWORD must not be a well-known password"),
+        ({"CORS_ORIGIN": "*"}, "CORS_ORIGIN must not contain a wildcard"),
+        ({"CORS_ORIGIN": "https://app.finstack.com,https://*.finstack.com"}, "CORS_ORIGIN must not contain a wildcard"),
+        ({"PASSWORD_HASH_METHOD": "scrypt"}, "below the OWASP minimums"),
+        ({"PASSWORD_HASH_METHOD": "pbkdf2:sha256:599999"}, "below the OWASP minimums"),
+        ({"RATELIMIT_STORAGE_URI": None}, "RATELIMIT_STORAGE_URI must be set in production"),
+    ],
+)
+def test_production_refuses_unsafe_settings_with_a_clear_message(monkeypatch, tmp_path, changes, message):
+    for name, value in production(tmp_path, **changes).items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(ConfigError, match=message):
+        create_app()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"PASSWORD_HASH_METHOD": "scrypt:131072:8:1"},
+        {"PASSWORD_HASH_METHOD": "pbkdf2:sha512:210000"},
+        {"RATELIMIT_STORAGE_URI": None, "RATELIMIT_ENABLED": "false"},
+        {"ADMIN_PASSWORD": "a-long-and-private-passphrase"},
+    ],
+)
+def test_production_accepts_safe_alternatives(monkeypatch, tmp_path, changes):
+    for name, value in production(tmp_path, **changes).items():
+        monkeypatch.setenv(name, value)
+
+    assert create_app().config["APP_ENV"] == "production"
+
+
+def test_development_tolerates_what_production_refuses(tmp_path):
+    config = settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, ADMIN_PASSWORD="admin123")
+
+    assert create_app(config).config["PASSWORD_HASH_METHOD"] == "scrypt:1024:8:1"
+
+
+@pytest.mark.parametrize(
+    ("method", "meets"),
+    [
+        ("pbkdf2:sha256:600000", True),
+        ("pbkdf2:sha256:1000000", True),
+        ("pbkdf2:sha256:599999", False),
+        ("pbkdf2:sha512:210000", True),
+        ("pbkdf2:sha1:600000", False),
+        ("scrypt:131072:8:1", True),
+        ("scrypt:65536:8:2", True),
+        ("scrypt:32768:8:1", False),
+        ("scrypt:131072:4:1", False),
+    ],
+)
+def test_owasp_minimums(method, meets):
+    assert meets_owasp_minimum(method) is meets
+
+
+def test_the_default_hash_method_meets_owasp_and_is_stored_in_full():
+    config = Config({})
+
+    assert config.PASSWORD_HASH_METHOD == "pbkdf2:sha256:600000"
+    assert meets_owasp_minimum(config.PASSWORD_HASH_METHOD)
+    assert Config({"PASSWORD_HASH_METHOD": "scrypt"}).PASSWORD_HASH_METHOD == "scrypt:32768:8:1"
+
+
+def test_limits_and_proxies_have_documented_defaults():
+    config = Config({})
+
+    assert (config.RATELIMIT_ENABLED, config.RATELIMIT_STORAGE_URI) == (True, "memory://")
+    assert (config.RATELIMIT_LOGIN, config.RATELIMIT_LOGIN_FAILURES) == ("10 per minute", "5 per 15 minutes")
+    assert config.TRUSTED_PROXY_COUNT == 0

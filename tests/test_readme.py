@@ -24,9 +24,15 @@ def test_readme_curl_examples_work(servers, environment):
     output = result.stdout
     assert '"database":"ok"' in output.replace(" ", "")
     assert output.count('"message":"Registration successful."') == 1
-    for expected in ("Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted."):
-        assert expected in output, expected
+    for expected in (
+        "Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted.",
+        "Profile updated.", '"phone":"+44 20 7946 0958"', '"is_active":false', "Logged out.",
+    ):  # fmt: skip
+        assert expected in output.replace(": ", ":"), expected
+    assert output.count('"refresh_token":') == 2  # registration and the refresh by body print theirs
     assert "Internal server error" not in output
-    assert output.count('"error":') == 4  # the four error examples, and nothing else failed
+    # The revoked token after logout and the four error examples: nothing else failed.
+    assert output.count('"error":') == 5
+    assert "Token has been revoked" in output
     server.stop()
     assert "Traceback" not in server.log.read_text()

@@ -1,18 +1,21 @@
 """The app served for real: gunicorn with several workers (and `python app.py`) on a fresh database."""
 
+import json
 import random
 import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import DEV_SERVER, GUNICORN, ROOT, WORKERS, call, gunicorn
+from helpers import DEV_SERVER, GUNICORN, PRODUCTION, REDIS_URL, ROOT, WORKERS, call, gunicorn
 
 
 def test_workers_starting_together_migrate_and_create_one_admin(servers, environment, fresh_database_url, tmp_path):
@@ -91,11 +94,10 @@ def test_python_app_py_serves_the_api(servers, environment):
 
 
 @pytest.fixture
-def production_environment(environment) -> dict:
+def production_environment(environment, redis_prefix) -> dict:
     return environment | {
-        "APP_ENV": "production",
-        "SECRET_KEY": "production-secret-key-0123456789-0123456789",
-        "JWT_SECRET_KEY": "production-jwt-secret-key-0123456789-0123456789",
+        **PRODUCTION,
+        "RATELIMIT_KEY_PREFIX": redis_prefix,  # counts of its own, not those of earlier runs
         "ADMIN_USERNAME": "ops",
         "ADMIN_EMAIL": "ops@finstack.com",
         "ADMIN_PASSWORD": "ops-password-1",
@@ -205,3 +207,122 @@ def test_updated_at_never_goes_back_under_concurrent_edits(servers, environment)
         replied = [datetime.fromisoformat(body["task"]["updated_at"]) for _, body in results if "task" in body]
         # Every edit that answered 200 had committed by then: none may look newer than the row as stored.
         assert all(stored >= at for at in replied), (stored, max(replied))
+
+
+def test_the_login_limit_counts_across_workers_in_redis(servers, environment, redis_prefix):
+    shared = environment | {
+        "RATELIMIT_STORAGE_URI": REDIS_URL,
+        "RATELIMIT_KEY_PREFIX": redis_prefix,
+        "RATELIMIT_LOGIN": "6 per minute",
+    }
+    server = servers.start(GUNICORN, shared)
+
+    def login(n):  # a new username each time: only the per-address limit applies
+        return call("POST", f"{server.url}/api/auth/login", {"username": f"nobody{n}", "password": "not-it"})[0]
+
+    with ThreadPoolExecutor(max_workers=WORKERS * 2) as pool:
+        statuses = list(pool.map(login, range(10)))
+
+    # Memory would let each worker count six; one store counts six in all, whichever worker answers.
+    assert sorted(statuses) == [401] * 6 + [429] * 4, statuses
+
+
+def test_revocations_hold_on_every_worker(servers, environment):
+    access_log = ["--access-logfile", "-", "--access-logformat", "worker=%(p)s %(U)s %(s)s"]
+    server = servers.start(gunicorn(*access_log), environment)
+    admin_token, _ = admin_session(server)
+    colleague = {"username": "leaver", "email": "leaver@example.com", "password": "leaving-soon", "full_name": "L"}
+    leaver = call("POST", f"{server.url}/api/auth/register", colleague)[1]
+    logged_out = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1]
+
+    assert call("POST", f"{server.url}/api/auth/logout", token=logged_out["access_token"])[0] == 200
+    patch = call("PATCH", f"{server.url}/api/users/{leaver['user']['id']}", {"is_active": False}, admin_token)
+    assert patch[0] == 200
+
+    tokens = [logged_out["access_token"], leaver["access_token"]] * (4 * WORKERS)
+    deadline = time.monotonic() + 30
+    workers = set()
+    while len(workers) < 2 and time.monotonic() < deadline:
+        with ThreadPoolExecutor(max_workers=4 * WORKERS) as pool:
+            assert set(pool.map(lambda token: call("GET", f"{server.url}/api/auth/me", token=token)[0], tokens)) == {
+                401
+            }
+        workers = set(re.findall(r"worker=<(\d+)> /api/auth/me 401", server.log.read_text()))
+    assert len(workers) >= 2, server.log.read_text()
+    assert call("GET", f"{server.url}/api/auth/me", token=admin_token)[0] == 200
+
+
+def test_a_refresh_token_presented_twice_at_once_ends_its_session(servers, environment):
+    server = servers.start(GUNICORN, environment)
+    tokens = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1]
+    together = threading.Barrier(2)
+
+    def refresh(_):
+        together.wait()
+        return call("POST", f"{server.url}/api/auth/refresh", {"refresh_token": tokens["refresh_token"]})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(refresh, range(2)))
+
+    assert sorted(status for status, _ in results) == [200, 401], results
+    rotated = next(body for status, body in results if status == 200)
+    assert call("POST", f"{server.url}/api/auth/refresh", {"refresh_token": rotated["refresh_token"]})[0] == 401
+    assert call("GET", f"{server.url}/api/auth/me", token=rotated["access_token"])[0] == 401
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one_admin(servers, environment, fresh_database_url):
+    server = servers.start(GUNICORN, environment)
+    first_token, first_id = admin_session(server)
+    deputy = {"username": "deputy", "email": "deputy@example.com", "password": "deputy-pass", "full_name": "D"}
+    second = call("POST", f"{server.url}/api/auth/register", deputy)[1]
+    assert call("PATCH", f"{server.url}/api/users/{second['user']['id']}", {"is_admin": True}, first_token)[0] == 200
+    together = threading.Barrier(2)
+
+    def demote(pair):
+        token, target = pair
+        together.wait()
+        return call("PATCH", f"{server.url}/api/users/{target}", {"is_admin": False}, token)[0]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        statuses = list(pool.map(demote, [(first_token, second["user"]["id"]), (second["access_token"], first_id)]))
+
+    # The second to get the lock finds itself demoted (403), or else the last admin (409).
+    assert sorted(statuses) in ([200, 403], [200, 409]), statuses
+    engine = sa.create_engine(fresh_database_url)
+    with engine.connect() as connection:
+        admins = connection.execute(sa.text("SELECT count(*) FROM app_users WHERE is_admin AND is_active")).scalar()
+    engine.dispose()
+    assert admins == 1
+
+
+def test_parallel_guesses_cannot_outrun_the_failed_login_limit(servers, environment, redis_prefix):
+    """Each password check is counted before it is made, atomically in Redis: of ten guesses sent at once from
+    ten addresses, three are checked and seven refused, and then the real password waits too."""
+    shared = environment | {
+        "RATELIMIT_STORAGE_URI": REDIS_URL, "RATELIMIT_KEY_PREFIX": redis_prefix, "TRUSTED_PROXY_COUNT": "1",
+        "RATELIMIT_LOGIN_FAILURES": "3 per 15 minutes",
+    }  # fmt: skip
+    server = servers.start(GUNICORN, shared)
+    together = threading.Barrier(10)
+
+    def guess(n):
+        request = urllib.request.Request(
+            f"{server.url}/api/auth/login", method="POST",
+            data=json.dumps({"username": "admin", "password": f"guess-{n}"}).encode(),
+            headers={"Content-Type": "application/json", "X-Forwarded-For": f"10.0.0.{n}"},
+        )  # fmt: skip
+        together.wait()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        statuses = list(pool.map(guess, range(10)))
+    status, _ = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})
+
+    assert sorted(statuses) == [401] * 3 + [429] * 7, statuses
+    assert status == 429

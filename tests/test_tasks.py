@@ -361,9 +361,11 @@ def test_bulk_status_updates_every_task_in_one_update(app, client, auth_headers,
     assert response.get_json() == {"message": "Status set to closed for 5 task(s).", "updated": 5}
     updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
     assert len(updates) == 1
-    # Besides it, only the statement that locks the rows in id order (ids only, no task data is loaded).
+    # Besides it, only the statement that locks the rows in id order, reading no more than the permission check
+    # needs: the ids, and who created and who is assigned each task.
     others = [s for s in statements if s not in updates and "tasks" in s]
-    assert len(others) == 1 and others[0].startswith("SELECT tasks.id \nFROM tasks"), others
+    columns = "SELECT tasks.id, tasks.created_by_id, tasks.contact_person_id \nFROM tasks"
+    assert len(others) == 1 and others[0].startswith(columns), others
     for task in tasks:
         assert stored_task(app, task["id"]).status == "closed"
     assert stored_task(app, untouched["id"]).status == "open"

@@ -1,4 +1,8 @@
-from helpers import PUBLIC_USER_FIELDS, assert_error
+import uuid
+
+import pytest
+
+from helpers import PASSWORD, PUBLIC_USER_FIELDS, assert_error, tokens_for
 
 
 def test_list_users_returns_active_users_by_name(client, auth_headers, make_user, user):
@@ -18,3 +22,169 @@ def test_list_users_returns_active_users_by_name(client, auth_headers, make_user
 
 def test_list_users_requires_a_token(client, user):
     assert_error(client.get("/api/users"), 401)
+
+
+def users_listed(client, headers, query="") -> list[str]:
+    response = client.get(f"/api/users{query}", headers=headers)
+    assert response.status_code == 200, response.get_json()
+    return [listed["username"] for listed in response.get_json()["users"]]
+
+
+def test_me_returns_the_profile_with_phone_and_role(client, user, auth_headers):
+    response = client.get("/api/users/me", headers=auth_headers)
+
+    assert response.status_code == 200
+    body = response.get_json()["user"]
+    assert set(body) == PUBLIC_USER_FIELDS
+    assert (body["username"], body["phone"], body["is_admin"]) == ("alice", None, False)
+    assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_patch_me_changes_name_email_and_phone(client, user, auth_headers):
+    change = {"full_name": " Alice Ashdown ", "email": "Alice.Ashdown@Example.com", "phone": "+44 20 7946 0958"}
+
+    response = client.patch("/api/users/me", json=change, headers=auth_headers)
+
+    assert response.status_code == 200
+    body = response.get_json()["user"]
+    assert (body["full_name"], body["email"], body["phone"]) == (
+        "Alice Ashdown",
+        "alice.ashdown@example.com",
+        change["phone"],
+    )
+    assert client.get("/api/users/me", headers=auth_headers).get_json()["user"] == body
+
+
+@pytest.mark.parametrize("cleared", [None, ""])
+def test_patch_me_clears_the_phone_with_null_or_empty(client, user, auth_headers, cleared):
+    client.patch("/api/users/me", json={"phone": "020 7946 0958"}, headers=auth_headers)
+
+    response = client.patch("/api/users/me", json={"phone": cleared}, headers=auth_headers)
+
+    assert response.get_json()["user"]["phone"] is None
+
+
+def test_patch_me_to_a_taken_email_is_409_and_changes_nothing(client, user, other_user, auth_headers):
+    response = client.patch(
+        "/api/users/me", json={"full_name": "New Name", "email": "BOB@example.com"}, headers=auth_headers
+    )
+
+    assert_error(response, 409, "email")
+    me = client.get("/api/users/me", headers=auth_headers).get_json()["user"]
+    assert (me["full_name"], me["email"]) == ("Alice Adams", "alice@example.com")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"phone": "call me"}, "phone"),
+        ({"phone": "+" + "1" * 40}, "phone"),
+        ({"email": "not-an-email"}, "email"),
+        ({"full_name": "  "}, "full_name"),
+        ({"is_admin": True}, "is_admin"),
+        ({"username": "mallory"}, "username"),
+        ({"password": "new-password-1"}, "password"),
+    ],
+)
+def test_patch_me_rejects_bad_or_forbidden_fields_and_changes_nothing(client, user, auth_headers, change, field):
+    assert_error(client.patch("/api/users/me", json=change, headers=auth_headers), 400, field)
+
+    me = client.get("/api/users/me", headers=auth_headers).get_json()["user"]
+    assert (me["username"], me["is_admin"], me["phone"]) == ("alice", False, None)
+
+
+def test_patch_me_with_nothing_to_change_is_400(client, user, auth_headers):
+    assert_error(client.patch("/api/users/me", json={}, headers=auth_headers), 400)
+
+
+def test_admins_can_list_inactive_users_too(client, admin, admin_headers, make_user):
+    make_user("old", full_name="Old Timer", is_active=False)
+
+    assert users_listed(client, admin_headers, "?include_inactive=true") == ["old", "root"]
+    assert users_listed(client, admin_headers, "?include_inactive=false") == ["root"]
+
+
+def test_only_admins_may_list_inactive_users(client, user, auth_headers):
+    assert_error(client.get("/api/users?include_inactive=true", headers=auth_headers), 403)
+
+
+def test_users_list_rejects_unknown_or_bad_parameters(client, user, auth_headers):
+    assert_error(client.get("/api/users?include_inactive=maybe", headers=auth_headers), 400, "include_inactive")
+    assert_error(client.get("/api/users?active=1", headers=auth_headers), 400, "active")
+
+
+def admin_patch(client, headers, user_id, **change):
+    return client.patch(f"/api/users/{user_id}", json=change, headers=headers)
+
+
+def test_deactivation_locks_the_user_out_at_the_next_request(app, client, admin_headers, user, auth_headers):
+    tokens = tokens_for(app, user["id"])
+    assert client.get("/api/tasks", headers=auth_headers).status_code == 200
+
+    response = admin_patch(client, admin_headers, user["id"], is_active=False)
+
+    assert response.status_code == 200
+    assert response.get_json()["user"]["is_active"] is False
+    assert_error(client.get("/api/tasks", headers=auth_headers), 401)
+    assert_error(client.post("/api/auth/refresh", json={"refresh_token": tokens["refresh_token"]}), 401)
+    assert "alice" not in users_listed(client, admin_headers)
+    login = client.post("/api/auth/login", json={"username": "alice", "password": PASSWORD})
+    assert_error(login, 401)
+
+
+def test_reactivation_does_not_revive_old_tokens(client, admin_headers, user, auth_headers):
+    admin_patch(client, admin_headers, user["id"], is_active=False)
+
+    assert admin_patch(client, admin_headers, user["id"], is_active=True).status_code == 200
+
+    assert_error(client.get("/api/tasks", headers=auth_headers), 401)
+    assert client.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}).status_code == 200
+
+
+def test_granting_admin_takes_effect_at_once(client, admin_headers, user, auth_headers):
+    assert_error(client.get("/api/users?include_inactive=true", headers=auth_headers), 403)
+
+    assert admin_patch(client, admin_headers, user["id"], is_admin=True).get_json()["user"]["is_admin"] is True
+
+    assert client.get("/api/users?include_inactive=true", headers=auth_headers).status_code == 200
+
+
+def test_only_admins_may_change_accounts(client, user, other_user, auth_headers):
+    assert_error(admin_patch(client, auth_headers, other_user["id"], is_active=False), 403)
+    assert_error(admin_patch(client, auth_headers, user["id"], is_admin=True), 403)
+
+    assert "bob" in users_listed(client, auth_headers)
+    assert client.get("/api/users/me", headers=auth_headers).get_json()["user"]["is_admin"] is False
+
+
+@pytest.mark.parametrize("change", [{"is_admin": False}, {"is_active": False}, {"is_admin": False, "is_active": False}])
+def test_the_last_active_admin_cannot_be_demoted_or_deactivated(client, admin, admin_headers, make_user, change):
+    make_user("former", is_admin=True, is_active=False)  # an inactive admin does not count
+
+    body = assert_error(admin_patch(client, admin_headers, admin["id"], **change), 409)
+    assert "last active administrator" in body["error"]
+    assert set(body["details"]) == set(change)
+
+    me = client.get("/api/users/me", headers=admin_headers).get_json()["user"]
+    assert (me["is_admin"], me["is_active"]) == (True, True)
+
+
+def test_an_admin_may_step_down_while_another_remains(client, admin, admin_headers, user):
+    admin_patch(client, admin_headers, user["id"], is_admin=True)
+
+    assert admin_patch(client, admin_headers, admin["id"], is_admin=False).status_code == 200
+
+    assert_error(admin_patch(client, admin_headers, user["id"], is_admin=False), 403)  # no longer an admin
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"is_active": "no"}, "is_active"), ({"is_admin": 1}, "is_admin"), ({"email": "x@y.z"}, "email")],
+)
+def test_account_changes_must_be_json_booleans(client, admin_headers, user, change, field):
+    assert_error(admin_patch(client, admin_headers, user["id"], **change), 400, field)
+
+
+def test_account_change_of_an_unknown_user_is_404(client, admin_headers):
+    assert_error(admin_patch(client, admin_headers, uuid.uuid4(), is_active=False), 404)
+    assert_error(admin_patch(client, admin_headers, "not-a-uuid", is_active=False), 404)

@@ -1,0 +1,191 @@
+"""Rate limits: strict on login, register and refresh, generous elsewhere; 429 with the envelope and Retry-After,
+counted in memory and in the real Redis; client addresses through exactly TRUSTED_PROXY_COUNT proxies."""
+
+import pytest
+import redis
+
+from app import create_app
+from helpers import PASSWORD, REDIS_URL, assert_error, settings, tokens_for
+
+STRICT = pytest.mark.app_config(
+    RATELIMIT_LOGIN="3 per minute",
+    RATELIMIT_REGISTER="2 per minute",
+    RATELIMIT_REFRESH="2 per minute",
+    RATELIMIT_LOGIN_FAILURES="2 per 15 minutes",
+    RATELIMIT_DEFAULT="4 per minute",
+)
+
+
+def login(client, username="alice", password=PASSWORD, address="127.0.0.1", forwarded_for=None):
+    return client.post(
+        "/api/auth/login",
+        json={"username": username, "password": password},
+        headers={"X-Forwarded-For": forwarded_for} if forwarded_for else {},
+        environ_base={"REMOTE_ADDR": address},
+    )
+
+
+def assert_rate_limited(response) -> dict:
+    body = assert_error(response, 429)
+    assert 1 <= int(response.headers["Retry-After"]) <= 15 * 60
+    assert "try again" in body["error"].lower()
+    return body
+
+
+@STRICT
+def test_login_is_limited_per_client_address(client, user, rate_limit_storage):
+    assert [login(client).status_code for _ in range(3)] == [200, 200, 200]
+
+    assert_rate_limited(login(client))
+    assert login(client, address="10.0.0.2").status_code == 200  # another address has its own count
+
+
+@STRICT
+def test_ipv6_clients_count_per_64_block(client, user, rate_limit_storage):
+    for host in range(1, 4):
+        assert login(client, address=f"2001:db8:aaaa:1::{host}").status_code == 200
+
+    assert_rate_limited(login(client, address="2001:db8:aaaa:1:ffff::9"))
+    assert login(client, address="2001:db8:aaaa:2::1").status_code == 200  # the next /64 is someone else
+
+
+@STRICT
+def test_failed_logins_are_limited_per_username_from_every_address(client, user, make_user, rate_limit_storage):
+    make_user("bob")
+    assert login(client, password="wrong-password", address="10.0.0.1").status_code == 401
+    assert login(client, password="wrong-password", address="10.0.0.2").status_code == 401
+
+    # Now even the right password waits, from any address, whatever the case of the name.
+    body = assert_rate_limited(login(client, username=" ALICE", address="10.0.0.3"))
+    assert "failed password attempts" in body["error"]
+    assert login(client, username="bob", address="10.0.0.4").status_code == 200
+
+
+@STRICT
+def test_a_successful_login_forgives_the_failures_before_it(client, user, rate_limit_storage):
+    attempts = [("wrong-password", 401), (PASSWORD, 200), ("wrong-password", 401), ("wrong-password", 401)]
+    for n, (password, status) in enumerate(attempts):
+        assert login(client, password=password, address=f"10.0.0.{n}").status_code == status
+
+    assert_rate_limited(login(client, address="10.0.0.9"))
+
+
+@STRICT
+def test_wrong_current_passwords_spend_the_same_budget_as_failed_logins(app, client, user, rate_limit_storage):
+    """A stolen access token must not make guessing the password cheaper than logging in."""
+    headers = {"Authorization": f"Bearer {tokens_for(app, user['id'])['access_token']}"}
+
+    def change(current, address):
+        body = {"current_password": current, "new_password": "brand-new-passphrase"}
+        return client.put("/api/auth/password", json=body, headers=headers, environ_base={"REMOTE_ADDR": address})
+
+    assert_error(change("guess-one", "10.0.0.1"), 400, "current_password")
+    assert_error(change("guess-two", "10.0.0.2"), 400, "current_password")
+
+    assert_rate_limited(change(PASSWORD, "10.0.0.3"))
+    assert_rate_limited(login(client, address="10.0.0.4"))
+
+
+@STRICT
+def test_register_is_limited_per_client_address(client, rate_limit_storage):
+    def register(n):
+        user = {"username": f"new{n}", "email": f"new{n}@example.com", "password": "pass-word-1", "full_name": "N"}
+        return client.post("/api/auth/register", json=user)
+
+    assert [register(n).status_code for n in range(2)] == [201, 201]
+    assert_rate_limited(register(3))
+
+
+@STRICT
+def test_refresh_is_limited_per_client_address(app, client, user, rate_limit_storage):
+    def refresh():
+        token = tokens_for(app, user["id"])["refresh_token"]
+        return client.post("/api/auth/refresh", headers={"Authorization": f"Bearer {token}"})
+
+    assert [refresh().status_code for _ in range(2)] == [200, 200]
+    assert_rate_limited(refresh())
+
+
+@STRICT
+def test_other_routes_have_a_default_limit_per_route_and_signed_in_user(
+    app, client, user, other_user, rate_limit_storage
+):
+    alice = {"Authorization": f"Bearer {tokens_for(app, user['id'])['access_token']}"}
+    bob = {"Authorization": f"Bearer {tokens_for(app, other_user['id'])['access_token']}"}
+
+    assert [client.get("/api/tasks", headers=alice).status_code for _ in range(4)] == [200] * 4
+    response = client.get("/api/tasks", headers=alice)
+
+    assert_rate_limited(response)
+    assert response.headers["X-RateLimit-Limit"] == "4"
+    assert client.get("/api/tasks", headers=bob).status_code == 200  # a colleague behind the same address
+
+
+@STRICT
+def test_anonymous_callers_are_counted_per_address(client, rate_limit_storage):
+    for _ in range(4):
+        assert_error(client.get("/api/tasks"), 401)
+
+    assert_rate_limited(client.get("/api/tasks"))
+
+
+@STRICT
+def test_preflights_and_health_checks_are_never_limited(client, user, rate_limit_storage):
+    preflight = {"Origin": "http://localhost:4200", "Access-Control-Request-Method": "POST"}
+    for _ in range(5):
+        assert client.options("/api/auth/login", headers=preflight).status_code == 200
+        assert client.options("/api/tasks", headers=preflight).status_code == 200
+        assert client.get("/api/health").status_code == 200
+
+    assert login(client).status_code == 200
+    assert client.get("/api/tasks", headers={"Authorization": f"Bearer {login(client).get_json()['access_token']}"})
+
+
+@pytest.mark.app_config(RATELIMIT_ENABLED=False, RATELIMIT_LOGIN="1 per minute")
+def test_limits_can_be_switched_off(client, user):
+    assert [login(client).status_code for _ in range(3)] == [200, 200, 200]
+
+
+@pytest.mark.app_config(RATELIMIT_STORAGE_URI=REDIS_URL)
+def test_the_counts_live_in_redis(client, user, redis_prefix):
+    store = redis.Redis.from_url(REDIS_URL)
+    login(client)
+
+    assert list(store.scan_iter(f"*{redis_prefix}*"))
+    store.close()
+
+
+@pytest.mark.app_config(RATELIMIT_STORAGE_URI="redis://127.0.0.1:1/0", RATELIMIT_LOGIN="2 per minute")
+def test_an_unreachable_redis_falls_back_to_memory_and_still_limits(client, user):
+    assert [login(client).status_code for _ in range(2)] == [200, 200]
+
+    assert_rate_limited(login(client))
+
+
+@pytest.mark.app_config(RATELIMIT_LOGIN="2 per minute")
+def test_forwarded_for_is_ignored_without_trusted_proxies(client, user):
+    """A direct client cannot dodge its limit by inventing X-Forwarded-For addresses."""
+    assert login(client, forwarded_for="10.0.0.1").status_code == 200
+    assert login(client, forwarded_for="10.0.0.2").status_code == 200
+
+    assert_rate_limited(login(client, forwarded_for="10.0.0.3"))
+
+
+@pytest.mark.app_config(RATELIMIT_LOGIN="2 per minute", TRUSTED_PROXY_COUNT=1)
+def test_behind_one_proxy_the_address_it_saw_counts(client, user, caplog):
+    """Render's load balancer appends the address it saw; anything a client wrote before that is not trusted."""
+    for _ in range(2):
+        assert login(client, forwarded_for="6.6.6.6, 10.0.0.1").status_code == 200
+    assert_rate_limited(login(client, forwarded_for="7.7.7.7, 10.0.0.1"))
+    assert "exceeded on POST /api/auth/login from 10.0.0.1" in caplog.text  # the logs name the client too
+
+    assert login(client, forwarded_for="6.6.6.6, 10.0.0.2").status_code == 200
+
+
+def test_each_app_keeps_its_own_limits(tmp_path, fresh_database_url):
+    strict = create_app(settings(fresh_database_url, tmp_path, RATELIMIT_LOGIN="1 per minute"))
+    generous = create_app(settings(fresh_database_url, tmp_path / "other", RATELIMIT_LOGIN="50 per minute"))
+
+    statuses = [strict.test_client().post("/api/auth/login", json={}).status_code for _ in range(2)]
+    assert statuses == [400, 429]
+    assert generous.test_client().post("/api/auth/login", json={}).status_code == 400
