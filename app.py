@@ -15,10 +15,10 @@ from flask_migrate import Migrate
 from flask_talisman import Talisman
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from commands import create_admin_command, prepare_database, purge_tokens_command
+from commands import create_admin_command, openapi_command, prepare_database, purge_tokens_command
 from config import Config, check_production_settings, parse_flag, resolve_secrets
 from models import db
-from routes import analytics, auth, health, tasks, users
+from routes import analytics, auth, docs, health, tasks, users
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
 
@@ -31,7 +31,7 @@ migrate = Migrate()
 
 def create_app(config: Mapping | None = None) -> Flask:
     """Build the app from the environment; ``config`` overrides single settings (tests use it)."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # an API: no static files of its own
     app.url_map.merge_slashes = False  # "/api//tasks" is a JSON 404, not an HTML redirect
     app.config.from_object(Config())
     app.config.update(config or {})
@@ -62,7 +62,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         max_age=600,
         always_send=False,  # no Origin, no CORS headers: curl and servers are not browsers
     )
-    Talisman(
+    talisman = Talisman(
         app,
         force_https=False,  # Render's edge redirects to HTTPS; its health checks and local runs are plain HTTP
         frame_options="DENY",
@@ -70,13 +70,16 @@ def create_app(config: Mapping | None = None) -> Flask:
         referrer_policy="no-referrer",
     )
 
-    for module in (auth, users, tasks, analytics, health):
+    for module in (auth, users, tasks, analytics, health, docs):
         app.register_blueprint(module.bp)
+    app.register_blueprint(docs.swagger_ui_blueprint())
+    talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])
     register_error_handlers(app)
     register_request_id(app)
     init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
     app.cli.add_command(purge_tokens_command)
+    app.cli.add_command(openapi_command)
     return app
 
 

@@ -1,5 +1,7 @@
 """``flask`` commands, and the start-up steps that share their code."""
 
+import json
+
 import click
 import flask_migrate
 from flask import Flask, current_app
@@ -11,6 +13,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from config import DEFAULT_ADMIN_PASSWORD, ConfigError, startup_lock
 from models import LoginSession, RevokedToken, User, db, utcnow
 from routes.auth import create_user, duplicate_user
+from routes.docs import openapi_document
 from routes.errors import describe_validation, is_transient
 from schemas import RegisterSchema
 
@@ -60,6 +63,19 @@ def purge_tokens_command() -> None:
     sessions = db.session.execute(delete(LoginSession).where(LoginSession.expires_at <= now)).rowcount
     db.session.commit()
     click.echo(f"Purged {revoked} expired blocklist entries and {sessions} expired login sessions.")
+
+
+@click.command("openapi")
+@click.option(
+    "--server",
+    default="http://127.0.0.1:5000",
+    show_default=True,
+    help="The base URL the document tells clients to call.",
+)
+@with_appcontext
+def openapi_command(server: str) -> None:
+    """Print the OpenAPI document, e.g. for Postman: flask openapi > openapi.json."""
+    click.echo(json.dumps(openapi_document(current_app, server.rstrip("/")), indent=2))
 
 
 def prepare_database(app: Flask) -> None:

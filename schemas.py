@@ -95,7 +95,7 @@ class Timestamp(fields.AwareDateTime):
             raise self.make_error("invalid", input=value, obj_type=self.OBJ_TYPE) from error
 
 
-class DateOrDateTime(fields.Field):
+class DateOrDateTime(fields.String):
     """An ISO 8601 date (``2025-07-01``, ``20250701``) loads as a ``date``; anything else must be an ISO 8601
     timestamp."""
 
@@ -151,14 +151,14 @@ def check_password_policy(password: str, username: str | None, email: str | None
 
 
 class UserSchema(Schema):
-    id = fields.UUID(dump_only=True)
-    username = fields.String(dump_only=True)
-    email = fields.String(dump_only=True)
-    full_name = fields.String(dump_only=True)
-    is_active = fields.Boolean(dump_only=True)
-    created_at = Timestamp(dump_only=True)
-    is_admin = fields.Boolean(dump_only=True)
-    phone = fields.String(dump_only=True)
+    id = fields.UUID(dump_only=True, required=True)
+    username = fields.String(dump_only=True, required=True, metadata={"example": "jdoe"})
+    email = fields.String(dump_only=True, required=True, metadata={"example": "jdoe@example.com"})
+    full_name = fields.String(dump_only=True, required=True, metadata={"example": "Jane Doe"})
+    is_active = fields.Boolean(dump_only=True, required=True)
+    created_at = Timestamp(dump_only=True, required=True)
+    is_admin = fields.Boolean(dump_only=True, required=True)
+    phone = fields.String(dump_only=True, required=True, allow_none=True, metadata={"example": "+44 20 7946 0958"})
 
 
 def email_field(**kwargs) -> Lowercase:
@@ -180,10 +180,11 @@ class RegisterSchema(Schema):
                 error="Use letters, digits, '.', '_' or '-', starting with a letter or digit.",
             ),
         ],
+        metadata={"example": "jdoe"},
     )
-    email = email_field(required=True)
-    password = password_field()
-    full_name = full_name_field(required=True)
+    email = email_field(required=True, metadata={"example": "jdoe@example.com"})
+    password = password_field(metadata={"example": "a-long-passphrase"})
+    full_name = full_name_field(required=True, metadata={"example": "Jane Doe"})
 
     @validates_schema
     def password_is_not_the_name(self, data, **kwargs):
@@ -192,8 +193,8 @@ class RegisterSchema(Schema):
 
 
 class LoginSchema(Schema):
-    username = Lowercase(required=True, validate=Length(min=1, max=255))
-    password = Text(required=True, load_only=True, validate=Length(min=1, max=128))
+    username = Lowercase(required=True, validate=Length(min=1, max=255), metadata={"example": "admin"})
+    password = Text(required=True, load_only=True, validate=Length(min=1, max=128), metadata={"example": "admin123"})
 
 
 class RefreshSchema(Schema):
@@ -201,7 +202,9 @@ class RefreshSchema(Schema):
 
 
 class PasswordChangeSchema(Schema):
-    current_password = Text(required=True, load_only=True, validate=Length(min=1, max=128))
+    current_password = Text(
+        required=True, load_only=True, validate=Length(min=1, max=128), metadata={"example": "admin123"}
+    )
     new_password = password_field()
 
     @validates_schema
@@ -213,13 +216,15 @@ class PasswordChangeSchema(Schema):
 class ProfileSchema(Schema):
     """What people change about themselves with ``PATCH /api/users/me``."""
 
-    full_name = full_name_field()
-    email = email_field()
-    phone = Phone()
+    full_name = full_name_field(metadata={"example": "Jane Doe"})
+    email = email_field(metadata={"example": "jdoe@example.com"})
+    phone = Phone(metadata={"example": "+44 20 7946 0958"})
 
 
 class UserQuerySchema(Schema):
-    include_inactive = fields.Boolean(load_default=False)
+    include_inactive = fields.Boolean(
+        load_default=False, metadata={"description": "Administrators only: include deactivated accounts."}
+    )
 
 
 class UserAdminSchema(Schema):
@@ -230,17 +235,19 @@ class UserAdminSchema(Schema):
 
 
 class TaskSchema(Schema):
-    id = fields.UUID(dump_only=True)
-    date_created = Timestamp(dump_only=True)
-    entity_name = Trimmed(required=True, validate=Length(min=1, max=255))
-    task_type = Trimmed(required=True, validate=Length(min=1, max=50))
-    task_time = Timestamp(required=True)
-    contact_person_id = fields.UUID(required=True, load_only=True)
-    contact_person = fields.Nested(UserSchema, dump_only=True, allow_none=True)
-    note = Text(allow_none=True, validate=Length(max=10_000))
-    status = Text(validate=OneOf(TASK_STATUSES))
-    created_by = fields.Nested(UserSchema, dump_only=True, allow_none=True)
-    updated_at = Timestamp(dump_only=True)
+    id = fields.UUID(dump_only=True, required=True)
+    date_created = Timestamp(dump_only=True, required=True)
+    entity_name = Trimmed(required=True, validate=Length(min=1, max=255), metadata={"example": "ABC Corporation"})
+    task_type = Trimmed(required=True, validate=Length(min=1, max=50), metadata={"example": "Call"})
+    task_time = Timestamp(required=True, metadata={"example": "2024-12-25T10:00:00Z"})
+    contact_person_id = fields.UUID(
+        required=True, load_only=True, metadata={"description": "The assignee: the id of an active user."}
+    )
+    contact_person = fields.Nested(UserSchema, dump_only=True, required=True, allow_none=True)
+    note = Text(allow_none=True, validate=Length(max=10_000), metadata={"example": "Quarterly review"})
+    status = Text(validate=OneOf(TASK_STATUSES), metadata={"description": "Defaults to open."})
+    created_by = fields.Nested(UserSchema, dump_only=True, required=True, allow_none=True)
+    updated_at = Timestamp(dump_only=True, required=True)
 
     @pre_load
     def drop_read_only_fields(self, data, **kwargs):
@@ -249,26 +256,41 @@ class TaskSchema(Schema):
         return data
 
 
+class TaskUpdateSchema(TaskSchema):
+    """Any subset of the task's fields (``PUT``); ``note: null`` clears the note."""
+
+    def __init__(self, **kwargs):
+        super().__init__(partial=True, **kwargs)
+
+
 class TaskStatusSchema(Schema):
-    status = Text(required=True, validate=OneOf(TASK_STATUSES))
+    status = Text(required=True, validate=OneOf(TASK_STATUSES), metadata={"example": "closed"})
 
 
 class BulkStatusSchema(Schema):
-    task_ids = IdList(required=True)
-    status = Text(required=True, validate=OneOf(TASK_STATUSES))
+    task_ids = IdList(required=True, metadata={"minItems": 1, "maxItems": MAX_BULK_IDS})
+    status = Text(required=True, validate=OneOf(TASK_STATUSES), metadata={"example": "open"})
 
 
 class TaskQuerySchema(Schema):
     """The task list's query string; every parameter is checked, none is silently ignored."""
 
     status = Text(validate=OneOf(TASK_STATUSES))
-    task_type = Text(validate=Length(max=50))
-    entity_name = Text(validate=Length(max=255))
-    contact_person_id = fields.UUID()
-    date_from = DateOrDateTime()
-    date_to = DateOrDateTime()
+    task_type = Text(
+        validate=Length(max=50), metadata={"description": "Case-insensitive substring.", "example": "call"}
+    )
+    entity_name = Text(
+        validate=Length(max=255), metadata={"description": "Case-insensitive substring.", "example": "abc"}
+    )
+    contact_person_id = fields.UUID(metadata={"description": "Only tasks assigned to this user."})
+    date_from = DateOrDateTime(
+        metadata={"description": "Created at or after this date or timestamp.", "example": "2024-01-01"}
+    )
+    date_to = DateOrDateTime(metadata={"description": "Created on or before this date (the whole day) or timestamp."})
     page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
-    per_page = QueryInteger(load_default=20, validate=Range(min=1))
+    per_page = QueryInteger(
+        load_default=20, validate=Range(min=1), metadata={"description": f"Values above {MAX_PER_PAGE} are capped."}
+    )
     sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
     sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
 
@@ -288,3 +310,103 @@ class TaskQuerySchema(Schema):
         if "created_from" in data and "created_before" in data and data["created_from"] >= data["created_before"]:
             raise ValidationError("Must not be later than date_to.", "date_from")
         return data
+
+
+# What the API answers: the envelopes around the resources above (documented in the OpenAPI document, and
+# checked against every response by the contract tests).
+
+
+class ErrorSchema(Schema):
+    error = fields.String(required=True)
+    details = fields.Dict(
+        required=True, metadata={"description": "For validation errors: field name -> messages.", "example": {}}
+    )
+
+
+class MessageSchema(Schema):
+    message = fields.String(required=True)
+
+
+class UserResponseSchema(Schema):
+    user = fields.Nested(UserSchema, required=True)
+
+
+class UserUpdatedSchema(MessageSchema, UserResponseSchema):
+    pass
+
+
+class UserListSchema(Schema):
+    users = fields.List(fields.Nested(UserSchema), required=True)
+
+
+class TokenPairSchema(Schema):
+    access_token = fields.String(required=True, metadata={"description": "Send as 'Authorization: Bearer ...'."})
+    refresh_token = fields.String(required=True, metadata={"description": "For POST /api/auth/refresh."})
+
+
+class SessionSchema(UserUpdatedSchema, TokenPairSchema):
+    pass
+
+
+class PasswordChangedSchema(MessageSchema):
+    sessions_ended = fields.Integer(required=True, metadata={"description": "Other sessions logged out."})
+
+
+class TaskResponseSchema(Schema):
+    task = fields.Nested(TaskSchema, required=True)
+
+
+class TaskChangedSchema(MessageSchema, TaskResponseSchema):
+    pass
+
+
+class PaginationSchema(Schema):
+    page = fields.Integer(required=True, metadata={"example": 1})
+    per_page = fields.Integer(required=True, metadata={"example": 20})
+    total = fields.Integer(required=True, metadata={"example": 1})
+    pages = fields.Integer(required=True, metadata={"example": 1})
+    has_next = fields.Boolean(required=True)
+    has_prev = fields.Boolean(required=True)
+
+
+class TaskPageSchema(Schema):
+    tasks = fields.List(fields.Nested(TaskSchema), required=True)
+    pagination = fields.Nested(PaginationSchema, required=True)
+
+
+class BulkStatusResultSchema(MessageSchema):
+    updated = fields.Integer(required=True, metadata={"description": "How many tasks the ids named."})
+
+
+class SummarySchema(Schema):
+    total_tasks = fields.Integer(required=True)
+    open_tasks = fields.Integer(required=True)
+    closed_tasks = fields.Integer(required=True)
+
+
+class TaskTypeCountSchema(Schema):
+    type = fields.String(required=True, metadata={"example": "Call"})
+    count = fields.Integer(required=True)
+
+
+class AssigneeCountSchema(Schema):
+    user = fields.String(required=True, metadata={"description": "Full name, or 'Unassigned'.", "example": "Jane Doe"})
+    user_id = fields.UUID(required=True, allow_none=True)
+    count = fields.Integer(required=True)
+
+
+class DashboardSchema(Schema):
+    summary = fields.Nested(SummarySchema, required=True)
+    task_types = fields.List(fields.Nested(TaskTypeCountSchema), required=True)
+    user_tasks = fields.List(fields.Nested(AssigneeCountSchema), required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, validate=OneOf(("ok", "unavailable")))
+    database = fields.String(required=True, validate=OneOf(("ok", "unavailable")))
+    timestamp = Timestamp(required=True)
+    version = fields.String(required=True)
+
+
+class HealthUnavailableSchema(HealthSchema, ErrorSchema):
+    pass

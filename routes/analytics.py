@@ -51,5 +51,9 @@ def assignee_counts() -> list[dict]:
 
 @bp.get("/dashboard")
 def dashboard():
-    """Summary counts, the task-type distribution and the per-assignee workload."""
+    """Summary counts, the task-type distribution and the per-assignee workload.
+    ---
+    responses:
+      200: {description: The dashboard., content: {application/json: {schema: DashboardSchema}}}
+    """
     return {"summary": task_summary(), "task_types": task_type_counts(), "user_tasks": assignee_counts()}

@@ -203,7 +203,14 @@ def presented_refresh_token() -> str:
 
 @bp.post("/register")
 def register():
-    """Create an account and log it in."""
+    """Create an account and log it in.
+    ---
+    security: []
+    requestBody: {required: true, content: {application/json: {schema: RegisterSchema}}}
+    responses:
+      201: {description: The account and a new session's tokens., content: {application/json: {schema: SessionSchema}}}
+      409: {$ref: "#/components/responses/Conflict"}
+    """
     data = load_json(RegisterSchema())
     user = create_user(**data)
     try:
@@ -219,7 +226,14 @@ def register():
 
 @bp.post("/login")
 def login():
-    """Exchange a username and password for an access token and a refresh token."""
+    """Exchange a username and password for an access token and a refresh token.
+    ---
+    security: []
+    requestBody: {required: true, content: {application/json: {schema: LoginSchema}}}
+    responses:
+      200: {description: The user and a new session's tokens., content: {application/json: {schema: SessionSchema}}}
+      401: {$ref: "#/components/responses/Unauthorized"}
+    """
     data = load_json(LoginSchema())
     spend_password_attempt(data["username"])
     user = authenticate(data["username"], data["password"])
@@ -236,7 +250,15 @@ def login():
 @bp.post("/refresh")
 def refresh():
     """A new access token and a new refresh token for a refresh token, which is then spent: presenting a spent
-    one again means it was copied, so the whole login session is revoked."""
+    one again means it was copied, so the whole login session is revoked.
+    Send the refresh token as the Bearer token or as ``{"refresh_token": "..."}`` in the body.
+    ---
+    security: [{}, {bearerAuth: []}]
+    requestBody: {required: false, content: {application/json: {schema: RefreshSchema}}}
+    responses:
+      200: {description: A new pair of tokens., content: {application/json: {schema: TokenPairSchema}}}
+      401: {$ref: "#/components/responses/Unauthorized"}
+    """
     payload = decode_token(presented_refresh_token())  # bad, tampered and expired tokens: 401 via the JWT callbacks
     if payload.get("type") != "refresh":
         raise APIError("Send a refresh token here, not an access token.", 401)
@@ -263,7 +285,12 @@ def refresh():
 @bp.post("/logout")
 @jwt_required(verify_type=False)
 def logout():
-    """End this login: the presented token, its refresh token and every access token of its session stop working."""
+    """End this login: the presented token, its refresh token and every access token of its session stop working.
+    Send the access token or the refresh token.
+    ---
+    responses:
+      200: {description: Logged out., content: {application/json: {schema: MessageSchema}}}
+    """
     payload = get_jwt()
     session = db.session.get(LoginSession, session_id(payload), with_for_update=True)
     revoked = {payload["jti"]: datetime.fromtimestamp(payload["exp"], UTC)}
@@ -277,7 +304,12 @@ def logout():
 @bp.put("/password")
 @jwt_required()
 def change_password():
-    """Change one's password; every other session of the account is logged out."""
+    """Change one's password; every other session of the account is logged out.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: PasswordChangeSchema}}}
+    responses:
+      200: {description: Changed., content: {application/json: {schema: PasswordChangedSchema}}}
+    """
     data = load_json(PasswordChangeSchema())
     user = current_user
     check_password_policy(data["new_password"], user.username, user.email, "new_password")
@@ -298,5 +330,9 @@ def change_password():
 @bp.get("/me")
 @jwt_required()
 def me():
-    """The user the access token belongs to."""
+    """The user the access token belongs to.
+    ---
+    responses:
+      200: {description: The user., content: {application/json: {schema: UserResponseSchema}}}
+    """
     return {"user": user_schema.dump(current_user)}

@@ -11,7 +11,14 @@ bp = Blueprint("health", __name__, url_prefix="/api/health")
 
 @bp.get("")
 def health():
-    """200 when the database answers, 503 (with the error envelope) when it does not."""
+    """200 when the database answers, 503 (with the error envelope) when it does not.
+    ---
+    security: []
+    responses:
+      200: {description: Up with its database., content: {application/json: {schema: HealthSchema}}}
+      503: {description: The database is unreachable., content: {application/json: {schema: HealthUnavailableSchema}}}
+    x-not: [429]
+    """
     body = {"timestamp": utcnow().isoformat(), "version": current_app.config["VERSION"]}
     try:
         db.session.execute(text("SELECT 1"))

@@ -10,7 +10,7 @@ from sqlalchemy import Select, case, delete, func, literal, select, update
 from models import Task, User, UTCDateTime, db, utcnow
 from routes import load_args, load_json, require_login
 from routes.errors import APIError
-from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema
+from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema, TaskUpdateSchema
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 bp.before_request(require_login)
@@ -80,7 +80,13 @@ def pagination(page) -> dict:
 
 @bp.get("")
 def list_tasks():
-    """A page of tasks, filtered and sorted as the query string asks."""
+    """A page of tasks, filtered and sorted as the query string asks.
+    ---
+    parameters: [{in: query, schema: TaskQuerySchema}]
+    responses:
+      200: {description: A page of tasks., content: {application/json: {schema: TaskPageSchema}}}
+      400: {$ref: "#/components/responses/BadRequest"}
+    """
     args = load_args(TaskQuerySchema())
     stmt = filter_tasks(args).order_by(*sort_keys(args["sort_by"], args["sort_order"] == "desc"))
     page = db.paginate(stmt, page=args["page"], per_page=args["per_page"], error_out=False)
@@ -89,7 +95,12 @@ def list_tasks():
 
 @bp.post("")
 def create_task():
-    """Log a task, created by the caller and assigned to an active user."""
+    """Log a task, created by the caller and assigned to an active user.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: TaskSchema}}}
+    responses:
+      201: {description: The task as stored., content: {application/json: {schema: TaskChangedSchema}}}
+    """
     data = load_json(TaskSchema())
     contact_person = active_user(data.pop("contact_person_id"))
     task = Task(**data, contact_person=contact_person, created_by=get_current_user())
@@ -100,14 +111,27 @@ def create_task():
 
 @bp.get("/<uuid:task_id>")
 def get_task(task_id: uuid.UUID):
-    """One task."""
+    """One task.
+    ---
+    responses:
+      200: {description: The task., content: {application/json: {schema: TaskResponseSchema}}}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
     return {"task": task_schema.dump(db.get_or_404(Task, task_id, description="Task not found."))}
 
 
 @bp.put("/<uuid:task_id>")
 def update_task(task_id: uuid.UUID):
-    """Change any subset of a task's fields; ``note: null`` clears the note."""
-    data = load_json(TaskSchema(partial=True))
+    """Change any subset of a task's fields; ``note: null`` clears the note.
+    The task's creator, its assignee or an administrator may change it.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: TaskUpdateSchema}}}
+    responses:
+      200: {description: The task as changed., content: {application/json: {schema: TaskChangedSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
+    data = load_json(TaskUpdateSchema())
     if not data:
         raise APIError("Nothing to update: send at least one task field.")
     task = task_for_update(task_id)
@@ -121,7 +145,15 @@ def update_task(task_id: uuid.UUID):
 
 @bp.patch("/<uuid:task_id>/status")
 def update_task_status(task_id: uuid.UUID):
-    """Open or close a task."""
+    """Open or close a task.
+    The task's creator, its assignee or an administrator may change it.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: TaskStatusSchema}}}
+    responses:
+      200: {description: The task as changed., content: {application/json: {schema: TaskChangedSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
     status = load_json(TaskStatusSchema())["status"]
     task = task_for_update(task_id)
     task.status = status
@@ -131,7 +163,16 @@ def update_task_status(task_id: uuid.UUID):
 
 @bp.patch("/bulk-status")
 def bulk_update_status():
-    """Open or close up to 1000 tasks at once, in one UPDATE; nothing changes if any id is unknown."""
+    """Open or close up to 1000 tasks at once, in one UPDATE; nothing changes if any id is unknown.
+    All or nothing: an unknown id is a 404 naming the ids (details.not_found), a task the caller may not
+    change a 403 naming them (details.forbidden).
+    ---
+    requestBody: {required: true, content: {application/json: {schema: BulkStatusSchema}}}
+    responses:
+      200: {description: How many tasks were set., content: {application/json: {schema: BulkStatusResultSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
     data = load_json(BulkStatusSchema())
     task_ids = list(dict.fromkeys(data["task_ids"]))
     status = data["status"]
@@ -173,7 +214,13 @@ def bulk_update_status():
 
 @bp.delete("/<uuid:task_id>")
 def delete_task(task_id: uuid.UUID):
-    """Delete a task for good (its creator or an administrator); of two deletes at once, one gets a 404."""
+    """Delete a task for good (its creator or an administrator); of two deletes at once, one gets a 404.
+    ---
+    responses:
+      200: {description: Deleted., content: {application/json: {schema: MessageSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
     user = get_current_user()
     stmt = delete(Task).where(Task.id == task_id)
     if not user.is_admin:

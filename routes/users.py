@@ -26,7 +26,14 @@ def require_admin() -> None:
 
 @bp.get("")
 def list_users():
-    """Active users by name, for the assignment drop-down; administrators may ask for inactive ones too."""
+    """Active users by name, for the assignment drop-down; administrators may ask for inactive ones too.
+    ---
+    parameters: [{in: query, schema: UserQuerySchema}]
+    responses:
+      200: {description: The users., content: {application/json: {schema: UserListSchema}}}
+      400: {$ref: "#/components/responses/BadRequest"}
+      403: {$ref: "#/components/responses/Forbidden"}
+    """
     args = load_args(UserQuerySchema())
     stmt = select(User).order_by(func.lower(User.full_name), User.full_name, User.username)
     if args["include_inactive"]:
@@ -38,13 +45,23 @@ def list_users():
 
 @bp.get("/me")
 def get_me():
-    """The signed-in user's profile."""
+    """The signed-in user's profile.
+    ---
+    responses:
+      200: {description: The profile., content: {application/json: {schema: UserResponseSchema}}}
+    """
     return {"user": user_schema.dump(current_user)}
 
 
 @bp.patch("/me")
 def update_me():
-    """Change one's own full name, email or phone (``null`` or "" clears the phone)."""
+    """Change one's own full name, email or phone (``null`` or "" clears the phone).
+    ---
+    requestBody: {required: true, content: {application/json: {schema: ProfileSchema}}}
+    responses:
+      200: {description: The profile as changed., content: {application/json: {schema: UserUpdatedSchema}}}
+      409: {$ref: "#/components/responses/Conflict"}
+    """
     data = load_json(ProfileSchema())
     if not data:
         raise APIError("Nothing to update: send full_name, email or phone.")
@@ -63,7 +80,16 @@ def update_me():
 @bp.patch("/<uuid:user_id>")
 def update_user(user_id: uuid.UUID):
     """Administrators activate or deactivate an account, or grant or remove admin; the last active
-    administrator cannot be deactivated or demoted."""
+    administrator cannot be deactivated or demoted.
+    A deactivated user's tokens stop working at once.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: UserAdminSchema}}}
+    responses:
+      200: {description: The account as changed., content: {application/json: {schema: UserUpdatedSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+      409: {$ref: "#/components/responses/Conflict"}
+    """
     require_admin()
     data = load_json(UserAdminSchema())
     if not data:
