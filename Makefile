@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 
-.PHONY: help install run lint format test test-sqlite test-postgres db-upgrade db-check clean
+.PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt | $(BIN)/python
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed  ## Create .venv and install the runtime requirements
+
+browser:  ## Install Debian's Chromium and ChromeDriver for the browser tests (needs root or sudo)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "Chromium and ChromeDriver are installed"; \
+	else SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get install -y --no-install-recommends chromium chromium-driver || \
+		{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }; fi
 
 run: $(VENV)/.installed  ## Serve the API on http://127.0.0.1:5000 (SQLite unless DATABASE_URL says otherwise)
 	$(BIN)/python app.py
