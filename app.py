@@ -18,7 +18,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from commands import create_admin_command, openapi_command, prepare_database, purge_tokens_command
 from config import Config, check_production_settings, parse_flag, resolve_secrets
 from models import db
-from routes import analytics, auth, docs, health, tasks, users
+from routes import analytics, auth, docs, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
 
@@ -76,6 +76,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])
     register_error_handlers(app)
     register_request_id(app)
+    app.before_request(refuse_other_content_types)
     init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
     app.cli.add_command(purge_tokens_command)

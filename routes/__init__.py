@@ -34,6 +34,16 @@ def load_args(schema: Schema) -> dict:
     return schema.load(request.args.to_dict())
 
 
+def refuse_other_content_types() -> None:
+    """``before_request`` for the whole app: it speaks JSON only, so a body declared as anything else (a form,
+    text, a multipart upload) is turned down before any view acts on the request."""
+    if request.headers.get("Content-Type") is not None and not request.is_json:
+        raise APIError(
+            "This API accepts JSON only: send 'Content-Type: application/json', or no Content-Type without a body.",
+            details={"Content-Type": [f"Not accepted: {request.headers['Content-Type'][:100]!r}."]},
+        )
+
+
 def require_login() -> None:
     """``before_request`` guard for blueprints where every endpoint needs a valid access token."""
     verify_jwt_in_request()  # lets CORS preflights (OPTIONS) through by itself

@@ -200,3 +200,20 @@ def test_behind_a_trusted_proxy_its_scheme_is_honoured(app, client):
     assert seen == {"address": "203.0.113.9", "secure": True}
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")  # HSTS only over HTTPS
     assert "Strict-Transport-Security" not in client.get("/api/probe-address").headers
+
+
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "application/x-www-form-urlencoded", "text/plain", "text/json", ""]
+)
+def test_a_body_declared_as_anything_but_json_is_refused_before_the_view_runs(client, auth_headers, content_type):
+    response = client.post("/api/auth/logout", headers={**auth_headers, "Content-Type": content_type})
+
+    assert_error(response, 400, "Content-Type")
+    assert client.get("/api/auth/me", headers=auth_headers).status_code == 200  # not logged out
+
+
+def test_json_with_a_charset_and_requests_without_a_body_are_accepted(client, auth_headers):
+    assert client.get("/api/tasks", headers=auth_headers).status_code == 200
+    json_utf8 = {**auth_headers, "Content-Type": "application/json; charset=utf-8"}
+    assert client.get("/api/tasks", headers=json_utf8).status_code == 200
+    assert client.post("/api/auth/logout", headers=json_utf8).status_code == 200
