@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
+OPENAPI_SERVER ?= http://127.0.0.1:5000
 
 .PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check clean
 
@@ -50,6 +51,16 @@ test-sqlite: $(VENV)/.dev-installed  ## Run the suite on SQLite only
 
 test-postgres: $(VENV)/.dev-installed  ## Run the suite on PostgreSQL only (TEST_DATABASE_URL)
 	TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fuzz: $(VENV)/.dev-installed  ## A longer schemathesis campaign: 300 examples per operation, a new seed each run
+	@seed=$${FUZZ_SEED:-$$(date +%s)}; echo "FUZZ_SEED=$$seed"; \
+	FUZZ_SEED=$$seed FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} env -u TEST_DATABASE_URL \
+		$(BIN)/python -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
+
+openapi: $(VENV)/.installed  ## Write the OpenAPI document to openapi.json (for Postman and other tools)
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+		DATABASE_URL="sqlite:///$$scratch/openapi.db" INSTANCE_PATH="$$scratch" FLASK_SKIP_DOTENV=1 \
+		$(BIN)/flask openapi --server $(OPENAPI_SERVER) > openapi.json && echo "Wrote openapi.json"
 
 db-upgrade: $(VENV)/.installed  ## Apply migrations to DATABASE_URL (what production runs before gunicorn)
 	$(BIN)/flask db upgrade

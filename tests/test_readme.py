@@ -23,6 +23,7 @@ def test_readme_curl_examples_work(servers, environment):
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout
     assert '"database":"ok"' in output.replace(" ", "")
+    assert "FinStack Tasks API 3.0.3 16 paths" in output
     assert output.count('"message":"Registration successful."') == 1
     for expected in (
         "Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted.",
