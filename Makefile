@@ -60,7 +60,8 @@ fuzz: $(VENV)/.dev-installed  ## A longer schemathesis campaign: 300 examples pe
 openapi: $(VENV)/.installed  ## Write the OpenAPI document to openapi.json (for Postman and other tools)
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 		DATABASE_URL="sqlite:///$$scratch/openapi.db" INSTANCE_PATH="$$scratch" FLASK_SKIP_DOTENV=1 \
-		$(BIN)/flask openapi --server $(OPENAPI_SERVER) > openapi.json && echo "Wrote openapi.json"
+		$(BIN)/flask openapi --server $(OPENAPI_SERVER) > "$$scratch/openapi.json" && \
+		mv "$$scratch/openapi.json" openapi.json && echo "Wrote openapi.json"
 
 db-upgrade: $(VENV)/.installed  ## Apply migrations to DATABASE_URL (what production runs before gunicorn)
 	$(BIN)/flask db upgrade

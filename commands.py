@@ -75,7 +75,7 @@ def purge_tokens_command() -> None:
 @with_appcontext
 def openapi_command(server: str) -> None:
     """Print the OpenAPI document, e.g. for Postman: flask openapi > openapi.json."""
-    click.echo(json.dumps(openapi_document(current_app, server.rstrip("/")), indent=2))
+    click.echo(json.dumps(openapi_document(current_app, server.rstrip("/") or "/"), indent=2))
 
 
 def prepare_database(app: Flask) -> None:

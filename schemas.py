@@ -313,7 +313,7 @@ class TaskQuerySchema(Schema):
 
 
 # What the API answers: the envelopes around the resources above (documented in the OpenAPI document, and
-# checked against every response by the contract tests).
+# checked against the answers to generated requests by tests/test_fuzz.py).
 
 
 class ErrorSchema(Schema):

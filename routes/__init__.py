@@ -34,10 +34,14 @@ def load_args(schema: Schema) -> dict:
     return schema.load(request.args.to_dict())
 
 
+WRITES = ("POST", "PUT", "PATCH")
+
+
 def refuse_other_content_types() -> None:
-    """``before_request`` for the whole app: it speaks JSON only, so a body declared as anything else (a form,
-    text, a multipart upload) is turned down before any view acts on the request."""
-    if request.headers.get("Content-Type") is not None and not request.is_json:
+    """``before_request`` for the whole app: it speaks JSON only, so a write whose body is declared as anything
+    else (a form, text, a multipart upload) is turned down before any view acts on it. Reads, deletes and
+    preflights carry no body; what they declare is ignored."""
+    if request.method in WRITES and request.headers.get("Content-Type") is not None and not request.is_json:
         raise APIError(
             "This API accepts JSON only: send 'Content-Type: application/json', or no Content-Type without a body.",
             details={"Content-Type": [f"Not accepted: {request.headers['Content-Type'][:100]!r}."]},

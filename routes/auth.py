@@ -251,9 +251,10 @@ def login():
 def refresh():
     """A new access token and a new refresh token for a refresh token, which is then spent: presenting a spent
     one again means it was copied, so the whole login session is revoked.
+
     Send the refresh token as the Bearer token or as ``{"refresh_token": "..."}`` in the body.
     ---
-    security: [{}, {bearerAuth: []}]
+    security: [{}, {refreshToken: []}]
     requestBody: {required: false, content: {application/json: {schema: RefreshSchema}}}
     responses:
       200: {description: A new pair of tokens., content: {application/json: {schema: TokenPairSchema}}}
@@ -286,6 +287,7 @@ def refresh():
 @jwt_required(verify_type=False)
 def logout():
     """End this login: the presented token, its refresh token and every access token of its session stop working.
+
     Send the access token or the refresh token.
     ---
     responses:

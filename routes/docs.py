@@ -6,9 +6,11 @@ import re
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from apispec.yaml_utils import load_yaml_from_docstring
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, current_app
 from flask_swagger_ui import get_swaggerui_blueprint
 from werkzeug.routing import Rule
+
+from routes import WRITES
 
 bp = Blueprint("docs", __name__, url_prefix="/api")
 
@@ -28,6 +30,7 @@ DOCS_CSP = {
 # The docs page and its assets are a rendering of the document, not part of the API it describes.
 NOT_DESCRIBED = {"swagger_ui.show"}
 BEARER = "bearerAuth"
+REFRESH_BEARER = "refreshToken"
 TAGS = [
     {"name": "auth", "description": "Log in, keep a session going with refresh tokens, log out."},
     {"name": "users", "description": "Profiles, the assignment list, and administration of accounts."},
@@ -57,7 +60,7 @@ CONVERTERS = {"uuid": {"type": "string", "format": "uuid"}, "int": {"type": "int
 RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 
 
-def error_response(status: int) -> dict:
+def shared_response(status: int) -> dict:
     return {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
 
 
@@ -84,7 +87,7 @@ def describe_operation(rule: Rule, view) -> dict:
     where a token is needed, 400 and 413 where there is a body, 429 where limits apply, 503 where the
     database is used, unless ``x-not`` lists them."""
     text = (view.__doc__ or "").split("---")[0].strip()
-    summary, _, description = text.partition("\n")
+    summary, _, description = text.partition("\n\n")
     operation = load_yaml_from_docstring(view.__doc__ or "")
     if not operation:
         return {}
@@ -101,8 +104,10 @@ def describe_operation(rule: Rule, view) -> dict:
         shared.add(401)
     if "requestBody" in operation:
         shared |= {400, 413}
+    if rule.methods & set(WRITES):
+        shared.add(400)  # a body declared as anything but JSON
     for status in sorted(shared - set(responses) - set(operation.pop("x-not", []))):
-        responses[status] = error_response(status)
+        responses[status] = shared_response(status)
     operation["responses"] = dict(sorted(responses.items()))
     return operation
 
@@ -122,9 +127,10 @@ def build_spec(app: Flask) -> dict:
         tags=TAGS,
         security=[{BEARER: []}],
     )
-    spec.components.security_scheme(
-        BEARER, {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "An access token."}
-    )
+    for name, token in ((BEARER, "An access token."), (REFRESH_BEARER, "A refresh token.")):
+        spec.components.security_scheme(
+            name, {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": token}
+        )
     for status, (name, description) in ERRORS.items():
         response = {"description": description, "content": {"application/json": {"schema": "ErrorSchema"}}}
         if status in ERROR_HEADERS:
@@ -161,7 +167,7 @@ def swagger_ui_blueprint() -> Blueprint:
 
 @bp.get("/openapi.json")
 def openapi():
-    """This API's OpenAPI document.
+    """This API's OpenAPI document; its server is relative: the host it was fetched from.
     ---
     security: []
     responses:
@@ -172,4 +178,4 @@ def openapi():
             schema: {type: object}
     x-not: [503]
     """
-    return openapi_document(current_app, request.host_url.rstrip("/"))
+    return openapi_document(current_app, "/")  # not the Host header, which the client controls

@@ -123,6 +123,7 @@ def get_task(task_id: uuid.UUID):
 @bp.put("/<uuid:task_id>")
 def update_task(task_id: uuid.UUID):
     """Change any subset of a task's fields; ``note: null`` clears the note.
+
     The task's creator, its assignee or an administrator may change it.
     ---
     requestBody: {required: true, content: {application/json: {schema: TaskUpdateSchema}}}
@@ -146,6 +147,7 @@ def update_task(task_id: uuid.UUID):
 @bp.patch("/<uuid:task_id>/status")
 def update_task_status(task_id: uuid.UUID):
     """Open or close a task.
+
     The task's creator, its assignee or an administrator may change it.
     ---
     requestBody: {required: true, content: {application/json: {schema: TaskStatusSchema}}}
@@ -164,6 +166,7 @@ def update_task_status(task_id: uuid.UUID):
 @bp.patch("/bulk-status")
 def bulk_update_status():
     """Open or close up to 1000 tasks at once, in one UPDATE; nothing changes if any id is unknown.
+
     All or nothing: an unknown id is a 404 naming the ids (details.not_found), a task the caller may not
     change a 403 naming them (details.forbidden).
     ---

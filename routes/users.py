@@ -81,6 +81,7 @@ def update_me():
 def update_user(user_id: uuid.UUID):
     """Administrators activate or deactivate an account, or grant or remove admin; the last active
     administrator cannot be deactivated or demoted.
+
     A deactivated user's tokens stop working at once.
     ---
     requestBody: {required: true, content: {application/json: {schema: UserAdminSchema}}}

@@ -212,6 +212,16 @@ def test_a_body_declared_as_anything_but_json_is_refused_before_the_view_runs(cl
     assert client.get("/api/auth/me", headers=auth_headers).status_code == 200  # not logged out
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS", "HEAD"])
+def test_reads_deletes_and_preflights_ignore_a_declared_content_type(client, auth_headers, make_task, method):
+    task = make_task()
+    path = f"/api/tasks/{task['id']}"
+    response = client.open(path, method=method, headers={**auth_headers, "Content-Type": "text/plain"})
+
+    assert response.status_code == 200
+    assert client.get("/api/health", headers={"Content-Type": "text/plain"}).status_code == 200
+
+
 def test_json_with_a_charset_and_requests_without_a_body_are_accepted(client, auth_headers):
     assert client.get("/api/tasks", headers=auth_headers).status_code == 200
     json_utf8 = {**auth_headers, "Content-Type": "application/json; charset=utf-8"}
