@@ -82,10 +82,10 @@ def path_parameters(rule: Rule) -> list[dict]:
 
 
 def describe_operation(rule: Rule, view) -> dict:
-    """The operation from the view's docstring: the first line is the summary, the prose after it the
+    """The operation from the view's docstring: the first paragraph is the summary, the prose after it the
     description, and the YAML after ``---`` the rest. Answers every operation shares are added here: 401
-    where a token is needed, 400 and 413 where there is a body, 429 where limits apply, 503 where the
-    database is used, unless ``x-not`` lists them."""
+    where a token is needed, 400 and 413 where there is a body, 400 on every write, 429 and 503, unless
+    ``x-not`` lists them."""
     text = (view.__doc__ or "").split("---")[0].strip()
     summary, _, description = text.partition("\n\n")
     operation = load_yaml_from_docstring(view.__doc__ or "")

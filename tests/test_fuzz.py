@@ -6,7 +6,6 @@ invalid input for every operation in /api/openapi.json and checks every answer a
 
 import os
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 import schemathesis
@@ -51,25 +50,16 @@ def snapshot(app) -> list:
         return [sorted(map(tuple, db.session.execute(select(model.__table__)))) for model in MODELS]
 
 
-def fresh_tasks(app, caller: dict, colleague: dict) -> list[str]:
-    """Two new tasks: one the caller made and may change, one a colleague made and the caller may not."""
-    with app.app_context():
-        tasks = [
-            Task(entity_name="ABC Corporation", task_type="Call", task_time=datetime(2024, 12, 25, 10, tzinfo=UTC),
-                 contact_person_id=uuid.UUID(person["id"]), created_by_id=uuid.UUID(person["id"]))
-            for person in (caller, colleague)
-        ]  # fmt: skip
-        db.session.add_all(tasks)
-        db.session.commit()
-        return [str(task.id) for task in tasks]
-
-
-def with_real_ids(case, app, caller: dict, colleague: dict) -> None:
+def with_real_ids(case, make_task, caller: dict, colleague: dict) -> None:
     """Valid input names things that exist, so the answers past the 404s and 400s (the task, a 403, a 201) are
     checked too: task ids of tasks made for this call, the caller as assignee, the colleague as the account."""
     parameters = case.path_parameters or {}
     if "task_id" in parameters:
-        mine, theirs = fresh_tasks(app, caller, colleague)
+        # one the caller made and may change, one a colleague made and the caller may not
+        mine, theirs = (
+            make_task(contact_person_id=uuid.UUID(person["id"]), created_by_id=uuid.UUID(person["id"]))["id"]
+            for person in (caller, colleague)
+        )
         parameters["task_id"] = mine if int(str(parameters["task_id"])[-1], 16) % 2 else theirs
     if "user_id" in parameters:
         parameters["user_id"] = colleague["id"]
@@ -86,12 +76,12 @@ def is_invalid(case) -> bool:
 
 @schema.parametrize()
 @pytest.mark.app_config(RATELIMIT_ENABLED=False)  # a 429 would hide the answer under test
-def test_every_operation_keeps_the_contract(case, app, admin, user, other_user):
+def test_every_operation_keeps_the_contract(case, app, make_task, admin, user, other_user):
     caller = admin if case.path.startswith("/api/users") else user  # administration, and a colleague's work
     headers = {"Authorization": f"Bearer {token_for(app, caller['id'])}"}  # a fresh session: logout may end it
     invalid = is_invalid(case)
     if not invalid:
-        with_real_ids(case, app, caller, other_user)
+        with_real_ids(case, make_task, caller, other_user)
     before = snapshot(app) if invalid else None
 
     response = case.call(headers=headers)
