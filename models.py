@@ -6,7 +6,23 @@ from datetime import UTC, datetime
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, MetaData, String, Text, event, false
+from sqlalchemy import (
+    DDL,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Uuid,
+    event,
+    false,
+    func,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry, relationship
 from sqlalchemy.types import TypeDecorator
@@ -65,6 +81,12 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base, session_options={"expire_on_commit": False})
 
 
+def postgresql_only(index: Index) -> Index:
+    """An index created on PostgreSQL only (migrations/env.py reads ``info`` so autogenerate agrees)."""
+    index.info["dialect"] = "postgresql"
+    return index.ddl_if(dialect="postgresql")
+
+
 def simple_lower(text):
     """Lower case one character at a time, as PostgreSQL's lower() does: no final-sigma rule, and "İ" gives "i"."""
     if not isinstance(text, str):
@@ -119,27 +141,151 @@ class User(db.Model):
 
 class Task(db.Model):
     __tablename__ = "tasks"
-    __table_args__ = (CheckConstraint("status IN ('open', 'closed')", name="status"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    date_created: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    entity_name: Mapped[str] = mapped_column(String(255), index=True)
-    task_type: Mapped[str] = mapped_column(String(50), index=True)
-    task_time: Mapped[datetime] = mapped_column(index=True)
-    contact_person_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("app_users.id", ondelete="SET NULL"), index=True
-    )
+    date_created: Mapped[datetime] = mapped_column(default=utcnow)
+    entity_name: Mapped[str] = mapped_column(String(255))
+    task_type: Mapped[str] = mapped_column(String(50))
+    task_time: Mapped[datetime] = mapped_column()
+    contact_person_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="SET NULL"))
     note: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(10), default="open", index=True)
+    status: Mapped[str] = mapped_column(String(10), default="open")
     created_by_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="SET NULL"), index=True)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     # A task is always shown with its people: load them in the same statement, never one by one.
     contact_person: Mapped[User | None] = relationship(foreign_keys=[contact_person_id], lazy="joined")
     created_by: Mapped[User | None] = relationship(foreign_keys=[created_by_id], lazy="joined")
 
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'closed')", name="status"),
+        # One index per sort the list offers, ending in id like the ORDER BY, so a page (and a keyset cursor)
+        # is read from the index in order, however deep; the filters used most keep the default sort.
+        Index("ix_tasks_date_created_id", "date_created", "id"),
+        Index("ix_tasks_task_time_id", "task_time", "id"),
+        Index("ix_tasks_updated_at_id", "updated_at", "id"),
+        Index("ix_tasks_status_id", "status", "id"),
+        Index("ix_tasks_status_date_created_id", "status", "date_created", "id"),
+        Index("ix_tasks_contact_person_id_date_created_id", "contact_person_id", "date_created", "id"),
+        # Text sorts ignore case (lower(col), col, id). On SQLite lower() is the app's own function, which
+        # another client of the file would not have: expression indexes are PostgreSQL's only.
+        postgresql_only(Index("ix_tasks_entity_name_sort", func.lower(entity_name), entity_name, id)),
+        postgresql_only(Index("ix_tasks_task_type_sort", func.lower(task_type), task_type, id)),
+        # The case-insensitive substring filters (ILIKE '%...%') use trigram indexes instead of a scan.
+        postgresql_only(
+            Index(
+                "ix_tasks_entity_name_trgm",
+                entity_name,
+                postgresql_using="gin",
+                postgresql_ops={"entity_name": "gin_trgm_ops"},
+            )
+        ),
+        postgresql_only(
+            Index(
+                "ix_tasks_task_type_trgm",
+                task_type,
+                postgresql_using="gin",
+                postgresql_ops={"task_type": "gin_trgm_ops"},
+            )
+        ),
+    )
+
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.entity_name!r} {self.status}>"
+
+
+# How many tasks there are per (status, task type, assignee): kept exact by triggers in the same transaction as
+# every write to tasks, so totals and the dashboard never scan the tasks. A few hundred rows, however many tasks.
+task_counts = Table(
+    "task_counts",
+    db.metadata,
+    Column("status", String(10), nullable=False),
+    Column("task_type", String(50), nullable=False),
+    Column("contact_person_id", Uuid(), nullable=True),  # no foreign key: the triggers move a deleted user's counts
+    Column("n", Integer, nullable=False),
+    Index(
+        "uq_task_counts_key",
+        "status",
+        "task_type",
+        "contact_person_id",
+        unique=True,
+        postgresql_nulls_not_distinct=True,  # unassigned tasks share one row per status and type
+    ),
+)
+
+# PostgreSQL: one trigger per statement, fed by transition tables, so a bulk UPDATE of 1000 tasks costs one
+# grouped upsert. Groups are upserted in key order, so two writers never lock counters in opposite orders.
+TASK_COUNTS_POSTGRESQL = (
+    """CREATE OR REPLACE FUNCTION task_counts_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
+        SELECT status, task_type, contact_person_id, count(*) FROM new_rows
+        GROUP BY status, task_type, contact_person_id ORDER BY status, task_type, contact_person_id
+        ON CONFLICT (status, task_type, contact_person_id) DO UPDATE SET n = counts.n + excluded.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
+        SELECT status, task_type, contact_person_id, -count(*) FROM old_rows
+        GROUP BY status, task_type, contact_person_id ORDER BY status, task_type, contact_person_id
+        ON CONFLICT (status, task_type, contact_person_id) DO UPDATE SET n = counts.n + excluded.n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- Only rows whose status, type or assignee changed move between counters; a note edit writes nothing.
+        INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
+        SELECT status, task_type, contact_person_id, sum(delta) FROM (
+            SELECT status, task_type, contact_person_id, 1 AS delta FROM new_rows
+            UNION ALL
+            SELECT status, task_type, contact_person_id, -1 FROM old_rows
+        ) AS changes
+        GROUP BY status, task_type, contact_person_id HAVING sum(delta) <> 0
+        ORDER BY status, task_type, contact_person_id
+        ON CONFLICT (status, task_type, contact_person_id) DO UPDATE SET n = counts.n + excluded.n;
+    ELSE
+        DELETE FROM task_counts;  -- TRUNCATE tasks
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    """CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_counts_apply()""",
+    """CREATE TRIGGER task_counts_update AFTER UPDATE ON tasks REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_counts_apply()""",
+    """CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_counts_apply()""",
+    """CREATE TRIGGER task_counts_truncate AFTER TRUNCATE ON tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION task_counts_apply()""",
+)
+
+# SQLite has row triggers only; it has one writer at a time, so "add the row if missing, then count" is safe.
+_SQLITE_ADD = """
+    INSERT INTO task_counts (status, task_type, contact_person_id, n)
+    SELECT NEW.status, NEW.task_type, NEW.contact_person_id, 0 WHERE NOT EXISTS (
+        SELECT 1 FROM task_counts
+        WHERE status = NEW.status AND task_type = NEW.task_type AND contact_person_id IS NEW.contact_person_id
+    );
+    UPDATE task_counts SET n = n + 1
+    WHERE status = NEW.status AND task_type = NEW.task_type AND contact_person_id IS NEW.contact_person_id;"""
+_SQLITE_REMOVE = """
+    UPDATE task_counts SET n = n - 1
+    WHERE status = OLD.status AND task_type = OLD.task_type AND contact_person_id IS OLD.contact_person_id;"""
+TASK_COUNTS_SQLITE = (
+    f"CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN{_SQLITE_ADD}\nEND",
+    f"""CREATE TRIGGER task_counts_update AFTER UPDATE OF status, task_type, contact_person_id ON tasks
+    WHEN OLD.status IS NOT NEW.status OR OLD.task_type IS NOT NEW.task_type
+        OR OLD.contact_person_id IS NOT NEW.contact_person_id
+    BEGIN{_SQLITE_REMOVE}{_SQLITE_ADD}\nEND""",
+    f"CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN{_SQLITE_REMOVE}\nEND",
+)
+
+for _statement in TASK_COUNTS_POSTGRESQL:
+    event.listen(db.metadata, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
+for _statement in TASK_COUNTS_SQLITE:
+    event.listen(db.metadata, "after_create", DDL(_statement).execute_if(dialect="sqlite"))
+event.listen(
+    db.metadata, "before_create", DDL("CREATE EXTENSION IF NOT EXISTS pg_trgm").execute_if(dialect="postgresql")
+)
+event.listen(
+    db.metadata, "after_drop", DDL("DROP FUNCTION IF EXISTS task_counts_apply()").execute_if(dialect="postgresql")
+)
 
 
 class LoginSession(db.Model):

@@ -293,6 +293,14 @@ class TaskQuerySchema(Schema):
     )
     sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
     sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
+    cursor = Text(
+        validate=Length(min=1, max=1000),
+        metadata={
+            "description": "pagination.next_cursor of the previous page: the next page by keyset, as fast at any "
+            "depth. It carries the filters and sort (repeating them is allowed, changing them is a 400); not with "
+            "page."
+        },
+    )
 
     @post_load
     def to_bounds(self, data, **kwargs):
@@ -367,6 +375,11 @@ class PaginationSchema(Schema):
     pages = fields.Integer(required=True, metadata={"example": 1})
     has_next = fields.Boolean(required=True)
     has_prev = fields.Boolean(required=True)
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "Pass as cursor= for the next page (keyset pagination); null on the last page."},
+    )
 
 
 class TaskPageSchema(Schema):

@@ -20,6 +20,12 @@ def render_item(type_, obj, autogen_context):
     return False
 
 
+def include_object(obj, name, type_, reflected, compare_to):
+    """Indexes the models create on one database only (``info["dialect"]``) are not expected on the others."""
+    dialect = obj.info.get("dialect") if type_ == "index" and not reflected else None
+    return dialect is None or dialect == context.get_context().dialect.name
+
+
 def skip_empty_autogenerate(migration_context, revision, directives):
     """`flask db migrate` with no model changes writes no empty script."""
     if getattr(context.config.cmd_opts, "autogenerate", False) and directives[0].upgrade_ops.is_empty():
@@ -38,7 +44,13 @@ def run_migrations_online():
     options = dict(migrate_extension.configure_args)
     options.setdefault("process_revision_directives", skip_empty_autogenerate)
     with migrate_extension.db.engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, render_item=render_item, **options)
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_item=render_item,
+            include_object=include_object,
+            **options,
+        )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
                 # Several instances may start `flask db upgrade` together; the others wait, then find nothing to do.

@@ -1,13 +1,15 @@
 """Tasks: the calls, meetings and follow-ups logged against client entities."""
 
 import uuid
+from datetime import datetime
 
-from flask import Blueprint
+from flask import Blueprint, current_app, request
 from flask_jwt_extended import get_current_user
+from itsdangerous import BadData, URLSafeSerializer
 from marshmallow import ValidationError
-from sqlalchemy import Select, case, delete, func, literal, select, update
+from sqlalchemy import case, delete, func, literal, select, tuple_, update
 
-from models import Task, User, UTCDateTime, db, utcnow
+from models import Task, User, UTCDateTime, db, task_counts, utcnow
 from routes import load_args, load_json, require_login
 from routes.errors import APIError
 from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema, TaskUpdateSchema
@@ -20,29 +22,99 @@ task_schema = TaskSchema()
 CASE_INSENSITIVE_SORTS = ("entity_name", "task_type")
 
 
-def filter_tasks(args: dict) -> Select:
-    """The SELECT for the task list's filters (validated by ``TaskQuerySchema``), unordered."""
-    stmt = select(Task)
+FILTERS = ("status", "task_type", "entity_name", "contact_person_id", "created_from", "created_before")
+# Filters that task_counts can answer: their totals need no COUNT over the tasks.
+COUNTED_FILTERS = frozenset(("status", "task_type", "contact_person_id"))
+TIMESTAMP_SORTS = ("date_created", "task_time", "updated_at")
+
+
+def task_filters(args: dict, columns=Task) -> list:
+    """The WHERE conditions for the task list's filters (validated by ``TaskQuerySchema``), over ``Task`` or,
+    for the counted filters, over ``task_counts.c``."""
+    conditions = []
     if "status" in args:
-        stmt = stmt.where(Task.status == args["status"])
+        conditions.append(columns.status == args["status"])
     if "task_type" in args:
-        stmt = stmt.where(Task.task_type.icontains(args["task_type"], autoescape=True))
+        conditions.append(columns.task_type.icontains(args["task_type"], autoescape=True))
     if "entity_name" in args:
-        stmt = stmt.where(Task.entity_name.icontains(args["entity_name"], autoescape=True))
+        conditions.append(columns.entity_name.icontains(args["entity_name"], autoescape=True))
     if "contact_person_id" in args:
-        stmt = stmt.where(Task.contact_person_id == args["contact_person_id"])
+        conditions.append(columns.contact_person_id == args["contact_person_id"])
     if "created_from" in args:
-        stmt = stmt.where(Task.date_created >= args["created_from"])
+        conditions.append(columns.date_created >= args["created_from"])
     if "created_before" in args:
-        stmt = stmt.where(Task.date_created < args["created_before"])
-    return stmt
+        conditions.append(columns.date_created < args["created_before"])
+    return conditions
 
 
-def sort_keys(sort_by: str, descending: bool) -> list:
-    """ORDER BY for the list; Task.id last, so ties come in a stable order and pages never overlap."""
+def count_tasks(args: dict) -> int:
+    """The exact number of tasks the filters select: from the kept counts when they can tell, else a COUNT
+    that the filters' indexes serve."""
+    if COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
+        total = func.coalesce(func.sum(task_counts.c.n), 0)
+        return db.session.scalar(select(total).where(*task_filters(args, task_counts.c)))
+    return db.session.scalar(select(func.count()).select_from(Task).where(*task_filters(args)))
+
+
+def sort_key(sort_by: str) -> list:
+    """The list's ORDER BY columns, ascending; Task.id last, so ties come in a stable order and pages never
+    overlap. Text sorts ignore case, as people expect and as both databases then agree."""
     column = getattr(Task, sort_by)
-    keys = [func.lower(column), column, Task.id] if sort_by in CASE_INSENSITIVE_SORTS else [column, Task.id]
-    return [key.desc() if descending else key.asc() for key in keys]
+    return [func.lower(column), column, Task.id] if sort_by in CASE_INSENSITIVE_SORTS else [column, Task.id]
+
+
+def cursor_serializer() -> URLSafeSerializer:
+    # Signed, so a cursor is only ever one the API issued: its query is trusted and needs no second check.
+    return URLSafeSerializer(current_app.config["SECRET_KEY"], salt="tasks-list-cursor")
+
+
+def make_cursor(query: dict, last: Task, page: int) -> str:
+    """An opaque cursor for the page after ``last``: the query it belongs to, the sort value and id of the
+    last row, and the number of the page it leads to."""
+    value = getattr(last, query.get("sort_by", "date_created"))
+    value = value.isoformat() if isinstance(value, datetime) else value
+    return cursor_serializer().dumps({"query": query, "after": [value, str(last.id)], "page": page})
+
+
+def read_cursor(token: str) -> dict:
+    try:
+        cursor = cursor_serializer().loads(token)
+    except BadData:
+        raise ValidationError(
+            {"cursor": ["Not a cursor this API issued: pass pagination.next_cursor as is."]}
+        ) from None
+    return cursor
+
+
+def after_cursor(args: dict, after: list):
+    """The keyset condition: rows strictly after the cursor's row in the list's order."""
+    sort_by = args["sort_by"]
+    value, task_id = after
+    if sort_by in TIMESTAMP_SORTS:
+        value = datetime.fromisoformat(value)
+    column = getattr(Task, sort_by)
+    bound = literal(value, column.type)
+    position = [func.lower(bound), bound] if sort_by in CASE_INSENSITIVE_SORTS else [bound]
+    key, cursor_key = tuple_(*sort_key(sort_by)), tuple_(*position, literal(uuid.UUID(task_id), Task.id.type))
+    return key < cursor_key if args["sort_order"] == "desc" else key > cursor_key
+
+
+def list_query() -> tuple[dict, dict | None]:
+    """The list's validated arguments and, when it follows a cursor, the cursor. A cursor brings the query it
+    was made for; the request may repeat those parameters but not change them, and may set per_page."""
+    args = load_args(TaskQuerySchema())
+    if "cursor" not in args:
+        return args, None
+    cursor = read_cursor(args.pop("cursor"))
+    given = {name: value for name, value in request.args.items() if name not in ("cursor", "per_page")}
+    if "page" in given:
+        raise ValidationError({"page": ["Give page or cursor, not both."]})
+    changed = sorted(name for name, value in given.items() if cursor["query"].get(name) != value)
+    if changed:
+        message = "Differs from the query this cursor belongs to: drop it, or start again without cursor."
+        raise ValidationError({name: [message] for name in changed})
+    query = cursor["query"] | ({"per_page": request.args["per_page"]} if "per_page" in request.args else {})
+    return TaskQuerySchema().load(query), cursor
 
 
 def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID | None) -> bool:
@@ -67,17 +139,6 @@ def active_user(user_id: uuid.UUID) -> User:
     return user
 
 
-def pagination(page) -> dict:
-    return {
-        "page": page.page,
-        "per_page": page.per_page,
-        "total": page.total,
-        "pages": page.pages,
-        "has_next": page.has_next,
-        "has_prev": page.has_prev,
-    }
-
-
 @bp.get("")
 def list_tasks():
     """A page of tasks, filtered and sorted as the query string asks.
@@ -87,10 +148,36 @@ def list_tasks():
       200: {description: A page of tasks., content: {application/json: {schema: TaskPageSchema}}}
       400: {$ref: "#/components/responses/BadRequest"}
     """
-    args = load_args(TaskQuerySchema())
-    stmt = filter_tasks(args).order_by(*sort_keys(args["sort_by"], args["sort_order"] == "desc"))
-    page = db.paginate(stmt, page=args["page"], per_page=args["per_page"], error_out=False)
-    return {"tasks": task_schema.dump(page.items, many=True), "pagination": pagination(page)}
+    args, cursor = list_query()
+    per_page = args["per_page"]
+    stmt = select(Task).where(*task_filters(args))
+    if cursor is None:
+        page = args["page"]
+        stmt = stmt.offset((page - 1) * per_page)
+    else:
+        page = cursor["page"]
+        stmt = stmt.where(after_cursor(args, cursor["after"]))
+    descending = args["sort_order"] == "desc"
+    order = [key.desc() if descending else key.asc() for key in sort_key(args["sort_by"])]
+    # One row more than the page tells whether a next page exists, whatever the total says by now.
+    rows = db.session.scalars(stmt.order_by(*order).limit(per_page + 1)).all()
+    tasks, has_next = rows[:per_page], len(rows) > per_page
+    total = count_tasks(args)
+    query = {name: value for name, value in request.args.items() if name not in ("cursor", "page", "per_page")}
+    if cursor is not None:
+        query = cursor["query"]
+    return {
+        "tasks": task_schema.dump(tasks, many=True),
+        "pagination": {
+            "page": page,
+            "per_page": per_page,
+            "total": total,
+            "pages": -(-total // per_page),
+            "has_next": has_next,
+            "has_prev": page > 1,
+            "next_cursor": make_cursor(query, tasks[-1], page + 1) if has_next else None,
+        },
+    }
 
 
 @bp.post("")

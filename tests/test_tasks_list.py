@@ -25,15 +25,17 @@ def test_list_pages_newest_first_by_default(client, auth_headers, make_task):
     body = listed(client, auth_headers)
 
     assert set(body) == {"tasks", "pagination"}
+    next_cursor = body["pagination"].pop("next_cursor")
     assert body["pagination"] == {
         "page": 1, "per_page": 20, "total": 25, "pages": 2, "has_next": True, "has_prev": False,
     }  # fmt: skip
+    assert isinstance(next_cursor, str)
     assert ids(body) == [task["id"] for task in reversed(tasks)][:20]
     assert body["tasks"][0] == tasks[-1]
 
     second = listed(client, auth_headers, "?page=2")
     assert second["pagination"] == {
-        "page": 2, "per_page": 20, "total": 25, "pages": 2, "has_next": False, "has_prev": True,
+        "page": 2, "per_page": 20, "total": 25, "pages": 2, "has_next": False, "has_prev": True, "next_cursor": None,
     }  # fmt: skip
     assert ids(second) == [task["id"] for task in reversed(tasks)][20:]
 
@@ -56,7 +58,9 @@ def test_list_caps_per_page_at_100(client, auth_headers):
 def test_list_of_no_tasks(client, auth_headers):
     assert listed(client, auth_headers) == {
         "tasks": [],
-        "pagination": {"page": 1, "per_page": 20, "total": 0, "pages": 0, "has_next": False, "has_prev": False},
+        "pagination": {
+            "page": 1, "per_page": 20, "total": 0, "pages": 0, "has_next": False, "has_prev": False, "next_cursor": None,
+        },  # fmt: skip
     }
 
 
