@@ -99,12 +99,13 @@ def after_cursor(args: dict, after: list):
     return key < cursor_key if args["sort_order"] == "desc" else key > cursor_key
 
 
-def list_query() -> tuple[dict, dict | None]:
-    """The list's validated arguments and, when it follows a cursor, the cursor. A cursor brings the query it
-    was made for; the request may repeat those parameters but not change them, and may set per_page."""
+def list_query() -> tuple[dict, dict, dict | None]:
+    """The list's validated arguments, its query string as the next cursor will carry it, and the cursor it
+    follows if any. A cursor brings the query it was made for (page size included); the request may repeat
+    those parameters but not change them, and may set another per_page."""
     args = load_args(TaskQuerySchema())
     if "cursor" not in args:
-        return args, None
+        return args, {name: value for name, value in request.args.items() if name != "page"}, None
     cursor = read_cursor(args.pop("cursor"))
     given = {name: value for name, value in request.args.items() if name not in ("cursor", "per_page")}
     if "page" in given:
@@ -114,7 +115,7 @@ def list_query() -> tuple[dict, dict | None]:
         message = "Differs from the query this cursor belongs to: drop it, or start again without cursor."
         raise ValidationError({name: [message] for name in changed})
     query = cursor["query"] | ({"per_page": request.args["per_page"]} if "per_page" in request.args else {})
-    return TaskQuerySchema().load(query), cursor
+    return TaskQuerySchema().load(query), query, cursor
 
 
 def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID | None) -> bool:
@@ -148,7 +149,7 @@ def list_tasks():
       200: {description: A page of tasks., content: {application/json: {schema: TaskPageSchema}}}
       400: {$ref: "#/components/responses/BadRequest"}
     """
-    args, cursor = list_query()
+    args, query, cursor = list_query()
     per_page = args["per_page"]
     stmt = select(Task).where(*task_filters(args))
     if cursor is None:
@@ -163,9 +164,6 @@ def list_tasks():
     rows = db.session.scalars(stmt.order_by(*order).limit(per_page + 1)).all()
     tasks, has_next = rows[:per_page], len(rows) > per_page
     total = count_tasks(args)
-    query = {name: value for name, value in request.args.items() if name not in ("cursor", "page", "per_page")}
-    if cursor is not None:
-        query = cursor["query"]
     return {
         "tasks": task_schema.dump(tasks, many=True),
         "pagination": {

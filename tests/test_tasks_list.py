@@ -1,9 +1,11 @@
 """GET /api/tasks: pagination, every filter, sorting, strict parameters, and a fixed number of statements."""
 
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from itsdangerous import URLSafeSerializer
 
 from helpers import assert_error
 
@@ -59,8 +61,14 @@ def test_list_of_no_tasks(client, auth_headers):
     assert listed(client, auth_headers) == {
         "tasks": [],
         "pagination": {
-            "page": 1, "per_page": 20, "total": 0, "pages": 0, "has_next": False, "has_prev": False, "next_cursor": None,
-        },  # fmt: skip
+            "page": 1,
+            "per_page": 20,
+            "total": 0,
+            "pages": 0,
+            "has_next": False,
+            "has_prev": False,
+            "next_cursor": None,
+        },
     }
 
 
@@ -254,3 +262,102 @@ def test_list_sorts_text_ignoring_case(client, auth_headers, make_task, sort_by)
     tasks = listed(client, auth_headers, f"?sort_by={sort_by}&sort_order=asc")["tasks"]
 
     assert [task[sort_by] for task in tasks] == ["Alpha", "ALPHA THREE", "alpha two", "beta", "Gamma"]
+
+
+def walk(client, headers, query: str) -> list[dict]:
+    """Every page of the list, following next_cursor from the first page."""
+    pages = [listed(client, headers, query)]
+    while pages[-1]["pagination"]["next_cursor"]:
+        pages.append(listed(client, headers, f"?cursor={pages[-1]['pagination']['next_cursor']}"))
+    return pages
+
+
+@pytest.mark.parametrize("sort_order", ["asc", "desc"])
+@pytest.mark.parametrize("sort_by", ["date_created", "task_time", "entity_name", "task_type", "status", "updated_at"])
+def test_cursor_pages_follow_the_offset_order_through_ties(client, auth_headers, make_task, sort_by, sort_order):
+    shuffle = random.Random(f"{sort_by}{sort_order}")
+    names = ["beta", "Alpha", "alpha", "ALPHA", "Gamma"]
+    moments = [datetime(2025, 3, day, 9, tzinfo=UTC) for day in (1, 2, 3)]  # few values: many ties
+    for _ in range(23):
+        make_task(
+            entity_name=shuffle.choice(names),
+            task_type=shuffle.choice(names),
+            status=shuffle.choice(["open", "closed"]),
+            task_time=shuffle.choice(moments),
+            date_created=shuffle.choice(moments),
+            updated_at=shuffle.choice(moments),
+        )
+    query = f"?sort_by={sort_by}&sort_order={sort_order}&per_page=5"
+
+    pages = walk(client, auth_headers, query)
+
+    everything = listed(client, auth_headers, f"?sort_by={sort_by}&sort_order={sort_order}&per_page=100")
+    assert [task_id for page in pages for task_id in ids(page)] == ids(everything)
+    assert [page["pagination"]["page"] for page in pages] == [1, 2, 3, 4, 5]
+    assert [page["pagination"]["has_prev"] for page in pages] == [False, True, True, True, True]
+    assert [page["pagination"]["has_next"] for page in pages] == [True, True, True, True, False]
+    assert {(page["pagination"]["total"], page["pagination"]["pages"]) for page in pages} == {(23, 5)}
+
+
+def test_a_cursor_brings_its_filters_and_sort(client, auth_headers, make_task):
+    for n in range(12):
+        make_task(status=("open", "closed")[n % 3 == 0], entity_name=f"Client {n:02}")
+    query = "?status=open&sort_by=entity_name&sort_order=asc&per_page=3"
+    cursor = listed(client, auth_headers, query)["pagination"]["next_cursor"]
+
+    alone = listed(client, auth_headers, f"?cursor={cursor}")
+    repeated = listed(client, auth_headers, f"{query}&cursor={cursor}")
+    longer = listed(client, auth_headers, f"?cursor={cursor}&per_page=100")
+
+    assert [task["entity_name"] for task in alone["tasks"]] == ["Client 05", "Client 07", "Client 08"]
+    assert repeated["tasks"] == alone["tasks"]
+    assert [task["entity_name"] for task in longer["tasks"]] == ["Client 05", "Client 07", "Client 08", "Client 10",
+                                                                 "Client 11"]  # fmt: skip
+    assert longer["pagination"] | {"next_cursor": None} == {
+        "page": 2, "per_page": 100, "total": 8, "pages": 1, "has_next": False, "has_prev": True, "next_cursor": None,
+    }  # fmt: skip
+
+
+def test_a_cursor_refuses_a_changed_query_a_page_and_forgery(app, client, auth_headers, make_task):
+    for _ in range(3):
+        make_task()
+    cursor = listed(client, auth_headers, "?status=open&per_page=1")["pagination"]["next_cursor"]
+    with app.app_context():
+        forged = URLSafeSerializer("another secret", salt="tasks-list-cursor").dumps(
+            {"query": {}, "after": ["2025-01-01T00:00:00+00:00", str(uuid.uuid4())], "page": 2}
+        )
+
+    assert_error(client.get(f"/api/tasks?cursor={cursor}&status=closed", headers=auth_headers), 400, "status")
+    assert_error(client.get(f"/api/tasks?cursor={cursor}&sort_by=task_time", headers=auth_headers), 400, "sort_by")
+    assert_error(client.get(f"/api/tasks?cursor={cursor}&page=2", headers=auth_headers), 400, "page")
+    assert_error(client.get(f"/api/tasks?cursor={cursor[:-2]}", headers=auth_headers), 400, "cursor")
+    assert_error(client.get(f"/api/tasks?cursor={forged}", headers=auth_headers), 400, "cursor")
+    assert_error(client.get("/api/tasks?cursor=", headers=auth_headers), 400, "cursor")
+
+
+def test_cursor_pages_neither_skip_nor_repeat_while_tasks_are_added(client, auth_headers, make_task):
+    start = datetime(2025, 3, 1, tzinfo=UTC)
+    for n in range(10):
+        make_task(date_created=start + timedelta(hours=n))
+    before = ids(listed(client, auth_headers, "?per_page=100"))
+    first = listed(client, auth_headers, "?per_page=5")
+    for n in range(3):  # newer tasks arrive on top while the reader is on page 1
+        make_task(date_created=start + timedelta(days=1, hours=n))
+
+    second = listed(client, auth_headers, f"?cursor={first['pagination']['next_cursor']}")
+
+    assert ids(first) + ids(second) == before
+    offset_second = listed(client, auth_headers, "?per_page=5&page=2")
+    assert ids(offset_second) != before[5:]  # what offset pagination would have shown instead
+
+
+def test_a_cursor_page_takes_the_same_statements_as_page_one(client, auth_headers, make_task, sql_statements):
+    for _ in range(30):
+        make_task()
+    cursor = listed(client, auth_headers, "?per_page=10")["pagination"]["next_cursor"]
+
+    with sql_statements() as statements:
+        body = listed(client, auth_headers, f"?cursor={cursor}&per_page=10")
+
+    assert len(body["tasks"]) == 10
+    assert len(statements) == 3, statements

@@ -1,0 +1,248 @@
+"""task_counts: the per (status, type, assignee) counts that triggers keep, checked against a full recount after
+every kind of write, through the API, in plain SQL, through migrations and under concurrent traffic."""
+
+import random
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from app import create_app
+from helpers import GUNICORN, POSTGRES_URL, call, settings
+from models import Task, User, db, task_counts
+
+
+def kept_and_recounted(connection) -> tuple[dict, dict]:
+    """The kept counts (zero rows left out) and a recount of the tasks themselves, keyed alike."""
+    kept = {
+        (status, task_type, str(person) if person else None): n
+        for status, task_type, person, n in connection.execute(sa.select(task_counts))
+        if n
+    }
+    recounted = {
+        (status, task_type, str(person) if person else None): n
+        for status, task_type, person, n in connection.execute(
+            sa.select(Task.status, Task.task_type, Task.contact_person_id, sa.func.count()).group_by(
+                Task.status, Task.task_type, Task.contact_person_id
+            )
+        )
+    }
+    return kept, recounted
+
+
+def assert_counts_exact(app) -> dict:
+    with app.app_context():
+        kept, recounted = kept_and_recounted(db.session)
+    assert kept == recounted
+    return recounted
+
+
+def test_every_kind_of_api_write_keeps_the_counts_exact(
+    app, client, auth_headers, admin_headers, user, other_user, make_task
+):
+    alice, bob = user["id"], other_user["id"]
+    created = []
+    for task_type, person in [("Call", alice), ("Meeting", bob), ("Call", bob), ("Email", alice)]:
+        body = {"entity_name": "ABC Corporation", "task_type": task_type, "task_time": "2025-01-01T09:00:00Z"}
+        response = client.post("/api/tasks", json=body | {"contact_person_id": person}, headers=auth_headers)
+        assert response.status_code == 201
+        created.append(response.get_json()["task"]["id"])
+    created += [make_task(status="closed", task_type="Review")["id"] for _ in range(3)]
+    assert sum(assert_counts_exact(app).values()) == 7
+
+    steps = [
+        ("PUT", f"/api/tasks/{created[0]}", {"task_type": "Meeting"}),
+        ("PUT", f"/api/tasks/{created[1]}", {"contact_person_id": alice}),
+        ("PUT", f"/api/tasks/{created[2]}", {"note": "only the note"}),
+        ("PUT", f"/api/tasks/{created[3]}", {"status": "closed", "task_type": "Follow-up", "contact_person_id": bob}),
+        ("PATCH", f"/api/tasks/{created[4]}/status", {"status": "open"}),
+        ("PATCH", "/api/tasks/bulk-status", {"task_ids": created, "status": "closed"}),  # some were closed already
+        ("PATCH", "/api/tasks/bulk-status", {"task_ids": created[:5], "status": "open"}),
+        ("DELETE", f"/api/tasks/{created[5]}", None),
+    ]
+    for method, path, body in steps:
+        response = client.open(path, method=method, json=body, headers=admin_headers)
+        assert response.status_code == 200, (method, path, response.get_json())
+        assert_counts_exact(app)
+
+    with app.app_context():  # bob's tasks become unassigned by the foreign key, and move with it
+        db.session.delete(db.session.get(User, uuid.UUID(bob)))
+        db.session.commit()
+    counts = assert_counts_exact(app)
+    assert counts[("open", "Follow-up", None)] == 1
+    assert sum(counts.values()) == 6
+
+
+def test_plain_sql_writes_of_many_rows_keep_the_counts_exact(app, user):
+    people = [uuid.UUID(user["id"]), None]
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "entity_name": f"Entity {n}",
+            "task_type": ("Call", "Meeting", "Email")[n % 3],
+            "task_time": datetime(2025, 1, 1, tzinfo=UTC),
+            "date_created": datetime(2025, 1, 1, tzinfo=UTC),
+            "updated_at": datetime(2025, 1, 1, tzinfo=UTC),
+            "contact_person_id": people[n % 2],
+            "status": ("open", "closed")[n % 5 == 0],
+        }
+        for n in range(200)
+    ]
+    with app.app_context():
+        db.session.execute(sa.insert(Task), rows)
+        db.session.commit()
+        db.session.execute(sa.update(Task).where(Task.task_type == "Call").values(status="closed"))
+        db.session.execute(sa.update(Task).where(Task.task_type == "Email").values(contact_person_id=people[0]))
+        db.session.execute(sa.update(Task).values(note="touched"))  # no counted column changes
+        db.session.execute(sa.delete(Task).where(Task.task_type == "Meeting", Task.status == "open"))
+        db.session.commit()
+    counts = assert_counts_exact(app)
+    assert sum(counts.values()) == 200 - sum(1 for n in range(200) if n % 3 == 1 and n % 5 != 0)
+
+    if POSTGRES_URL:
+        with app.app_context():
+            db.session.execute(sa.text("TRUNCATE tasks"))
+            db.session.commit()
+        assert assert_counts_exact(app) == {}
+
+
+def test_list_totals_and_the_dashboard_agree_with_a_recount(
+    app, client, auth_headers, user, other_user, make_task, sql_statements
+):
+    shuffle = random.Random(5)
+    for _ in range(60):
+        make_task(
+            status=shuffle.choice(["open", "closed"]),
+            task_type=shuffle.choice(["Call", "Meeting", "Follow-up", "KYC check"]),
+            entity_name=shuffle.choice(["ABC Corporation", "Müller & Söhne GmbH", "Northwind Trust"]),
+            contact_person_id=shuffle.choice([uuid.UUID(user["id"]), uuid.UUID(other_user["id"]), None]),
+        )
+    with app.app_context():
+        tasks = db.session.execute(sa.select(Task.status, Task.task_type, Task.entity_name, Task.contact_person_id))
+        tasks = [row._asdict() for row in tasks]
+
+    for query, expected in [
+        ("", len(tasks)),
+        ("?status=open", sum(t["status"] == "open" for t in tasks)),
+        (f"?contact_person_id={user['id']}", sum(str(t["contact_person_id"]) == user["id"] for t in tasks)),
+        ("?task_type=CALL", sum("call" in t["task_type"].lower() for t in tasks)),
+        ("?status=closed&task_type=k", sum(t["status"] == "closed" and "k" in t["task_type"].lower() for t in tasks)),
+        ("?entity_name=müller", sum("müller" in t["entity_name"].lower() for t in tasks)),
+    ]:
+        with sql_statements() as statements:
+            response = client.get(f"/api/tasks{query}", headers=auth_headers)
+        assert response.get_json()["pagination"]["total"] == expected, query
+        counted_by_triggers = "entity_name" not in query
+        assert any("FROM task_counts" in s for s in statements) == counted_by_triggers, query
+
+    dashboard = client.get("/api/analytics/dashboard", headers=auth_headers).get_json()
+    by_status = Counter(t["status"] for t in tasks)
+    assert dashboard["summary"] == {
+        "total_tasks": len(tasks),
+        "open_tasks": by_status["open"],
+        "closed_tasks": by_status["closed"],
+    }
+    assert {row["type"]: row["count"] for row in dashboard["task_types"]} == Counter(t["task_type"] for t in tasks)
+    by_person = Counter(str(t["contact_person_id"]) if t["contact_person_id"] else None for t in tasks)
+    assert {row["user_id"]: row["count"] for row in dashboard["user_tasks"]} == by_person
+
+
+def trigger_definitions(connection) -> list[str]:
+    if connection.get_bind().dialect.name == "sqlite":
+        query = "SELECT sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        return connection.execute(sa.text(query)).scalars().all()
+    query = (
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'tasks'::regclass AND NOT tgisinternal "
+        "UNION ALL SELECT prosrc FROM pg_proc WHERE proname = 'task_counts_apply' ORDER BY 1"
+    )
+    return connection.execute(sa.text(query)).scalars().all()
+
+
+def test_migrations_create_the_triggers_the_models_create(app, fresh_database_url, tmp_path):
+    migrated = create_app(settings(fresh_database_url, tmp_path / "migrated"))
+    assert migrated.test_cli_runner().invoke(args=["db", "upgrade"]).exit_code == 0
+
+    with migrated.app_context():
+        from_migrations = trigger_definitions(db.session)
+        db.engine.dispose()
+    with app.app_context():
+        from_models = trigger_definitions(db.session)
+
+    assert len(from_models) == (5 if POSTGRES_URL else 3)
+    assert from_migrations == from_models
+
+
+def test_upgrading_counts_the_tasks_already_there(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["db", "upgrade", "0002"]).exit_code == 0
+    engine = sa.create_engine(fresh_database_url)
+    with engine.begin() as connection:
+        for n in range(30):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO tasks (id, date_created, entity_name, task_type, task_time, status, updated_at) "
+                    "VALUES (:id, '2025-01-01', 'ABC', :task_type, '2025-01-01', :status, '2025-01-01')"
+                ),
+                {
+                    "id": uuid.uuid4().hex if engine.dialect.name == "sqlite" else str(uuid.uuid4()),
+                    "task_type": ("Call", "Meeting")[n % 2],
+                    "status": ("open", "closed")[n % 3 == 0],
+                },
+            )
+
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    engine.dispose()
+    assert kept == recounted
+    assert sum(kept.values()) == 30
+
+
+def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_database_url):
+    server = servers.start(GUNICORN, environment)
+    login = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1]
+    token, admin_id = login["access_token"], login["user"]["id"]
+    shuffle = random.Random(11)
+
+    def create(n: int) -> tuple[int, dict]:
+        task = {
+            "entity_name": f"Race {n}",
+            "task_type": ("Call", "Meeting", "Email")[n % 3],
+            "task_time": "2025-01-01",
+            "contact_person_id": admin_id,
+        }
+        return call("POST", f"{server.url}/api/tasks", task, token)
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        ids = [body["task"]["id"] for status, body in pool.map(create, range(120)) if status == 201]
+    assert len(ids) == 120
+    operations = [("PATCH", "/api/tasks/bulk-status", {"task_ids": shuffle.sample(ids, 60), "status": s}) for s in
+                  ["open", "closed"] * 20]  # fmt: skip
+    operations += [("PUT", f"/api/tasks/{task_id}", {"task_type": "Review"}) for task_id in ids[:30]]
+    operations += [("PATCH", f"/api/tasks/{task_id}/status", {"status": "closed"}) for task_id in ids[30:60]]
+    operations += [("DELETE", f"/api/tasks/{task_id}", None) for task_id in ids[60:80]]
+    operations += [("POST", "/api/tasks", None)] * 40
+    shuffle.shuffle(operations)
+
+    def run(operation):
+        method, path, body = operation
+        if method == "POST":
+            return create(shuffle.randrange(1000))[0]
+        return call(method, f"{server.url}{path}", body, token)[0]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(pool.map(run, operations))
+
+    assert set(statuses) <= {200, 201, 404}, Counter(statuses)
+    engine = sa.create_engine(fresh_database_url)
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    engine.dispose()
+    assert kept == recounted
+    assert sum(kept.values()) == 120 - 20 + 40
+    server.stop()
+    assert "Traceback" not in server.log.read_text()
