@@ -30,6 +30,7 @@ def test_readme_curl_examples_work(servers, environment):
         "Profile updated.", '"phone":"+44 20 7946 0958"', '"is_active":false', "Logged out.",
     ):  # fmt: skip
         assert expected in output.replace(": ", ":"), expected
+    assert '"page":2,"pages":2' in output.replace(" ", "").replace("\n", "")  # the page after the cursor
     assert output.count('"refresh_token":') == 2  # registration and the refresh by body print theirs
     assert "Internal server error" not in output
     # The revoked token after logout and the four error examples: nothing else failed.
