@@ -15,7 +15,7 @@ from flask_migrate import Migrate
 from flask_talisman import Talisman
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from commands import create_admin_command, openapi_command, prepare_database, purge_tokens_command
+from commands import create_admin_command, openapi_command, prepare_database, purge_tokens_command, seed_demo_command
 from config import Config, check_production_settings, parse_flag, resolve_secrets
 from models import db
 from routes import analytics, auth, docs, health, refuse_other_content_types, tasks, users
@@ -81,6 +81,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     app.cli.add_command(create_admin_command)
     app.cli.add_command(purge_tokens_command)
     app.cli.add_command(openapi_command)
+    app.cli.add_command(seed_demo_command)
     return app
 
 
