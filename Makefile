@@ -7,7 +7,7 @@ TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 OPENAPI_SERVER ?= http://127.0.0.1:5000
 
-.PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check clean
+.PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -70,6 +70,16 @@ db-check: $(VENV)/.installed  ## Fail if the models and the migrations disagree 
 	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
 		export DATABASE_URL="sqlite:///$$scratch/check.db" INSTANCE_PATH="$$scratch" FLASK_SKIP_DOTENV=1 && \
 		$(BIN)/flask db upgrade && $(BIN)/flask db check
+
+$(VENV)/.bench-installed: requirements.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	@touch $@ $(VENV)/.installed
+
+bench: $(VENV)/.bench-installed  ## Benchmark on PostgreSQL with gunicorn and wrk (~7 min): bench/results.md (BENCH_ARGS=--quick)
+	@command -v wrk >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get install -y --no-install-recommends wrk || \
+		{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends wrk; }; }
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:  ## Remove the virtualenv, caches and the development database
 	rm -rf $(VENV) .pytest_cache instance
