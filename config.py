@@ -66,11 +66,17 @@ def checked_database_url(url: str) -> str:
     return url
 
 
-def engine_options(url: str) -> dict:
-    """Connection settings on PostgreSQL: bounded connect time, stale-connection checks, and sessions in UTC
-    whatever the server's default (timestamps near year 1 or 9999 only exist in UTC)."""
+def engine_options(url: str, pool_size: int = 5, max_overflow: int = 0) -> dict:
+    """Connection settings on PostgreSQL: bounded connect time, stale-connection checks, sessions in UTC
+    whatever the server's default (timestamps near year 1 or 9999 only exist in UTC), and a pool per process
+    of at most ``pool_size + max_overflow`` connections."""
     if url.startswith("postgresql"):
-        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"}}
+        return {
+            "pool_pre_ping": True,
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"},
+        }
     return {}
 
 
@@ -112,11 +118,11 @@ def parse_limits(name: str, value: str) -> str:
     raise ConfigError(f"{name} must be a rate limit such as '10 per minute', not {value!r}.")
 
 
-def parse_count(name: str, value: str | None, default: int) -> int:
+def parse_count(name: str, value: str | None, default: int, low: int = 0, high: int = 10) -> int:
     if value is None or value == "":
         return default
-    if not (value.isascii() and value.isdigit() and int(value) <= 10):
-        raise ConfigError(f"{name} must be a whole number from 0 to 10, not {value!r}.")
+    if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}.")
     return int(value)
 
 
@@ -159,7 +165,13 @@ class Config:
         self.SQLALCHEMY_DATABASE_URI = checked_database_url(
             env("DATABASE_URL", "sqlite:///finstack.db")  # relative SQLite paths live in the instance folder
         )
-        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(self.SQLALCHEMY_DATABASE_URI)
+        # A request holds one connection: a sync worker needs one, a gthread worker one per thread (the
+        # gunicorn.conf.py sets DB_POOL_SIZE to its threads). workers x pool x instances must fit max_connections.
+        self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(
+            self.SQLALCHEMY_DATABASE_URI,
+            pool_size=parse_count("DB_POOL_SIZE", env("DB_POOL_SIZE"), default=5, low=1, high=100),
+            max_overflow=parse_count("DB_MAX_OVERFLOW", env("DB_MAX_OVERFLOW"), default=0, high=100),
+        )
         self.INSTANCE_PATH = env("INSTANCE_PATH")
         self.AUTO_MIGRATE = parse_flag("AUTO_MIGRATE", env("AUTO_MIGRATE"), default=not production)
 

@@ -66,11 +66,23 @@ def test_cors_origin_is_a_comma_separated_list():
         ({"RATELIMIT_ENABLED": "perhaps"}, "RATELIMIT_ENABLED must be true or false"),
         ({"TRUSTED_PROXY_COUNT": "-1"}, "TRUSTED_PROXY_COUNT must be a whole number"),
         ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT must be a whole number"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE must be a whole number from 1 to 100"),
+        ({"DB_MAX_OVERFLOW": "many"}, "DB_MAX_OVERFLOW must be a whole number from 0 to 100"),
     ],
 )
 def test_a_malformed_setting_is_a_clear_error(environment, message):
     with pytest.raises(ConfigError, match=message):
         Config(environment)
+
+
+def test_the_connection_pool_is_sized_by_the_environment():
+    url = "postgresql://postgres@127.0.0.1:5432/finstack"
+
+    default = Config({"DATABASE_URL": url}).SQLALCHEMY_ENGINE_OPTIONS
+    sized = Config({"DATABASE_URL": url, "DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "2"}).SQLALCHEMY_ENGINE_OPTIONS
+
+    assert (default["pool_size"], default["max_overflow"]) == (5, 0)
+    assert (sized["pool_size"], sized["max_overflow"]) == (4, 2)
 
 
 def test_env_example_documents_every_setting():

@@ -1,0 +1,48 @@
+"""gunicorn settings for FinStack Tasks, read by `gunicorn app:app` when started from this folder.
+
+Chosen by measurement on a 2-core machine with PostgreSQL and Redis beside it (`make bench
+BENCH_ARGS=--compare-workers`, figures in bench/workers.md and the README's "Serving"): a request is a few
+milliseconds of Python around sub-millisecond SQL, so it is CPU-bound, and one process per core serves the most.
+The environment overrides each choice: WEB_CONCURRENCY (workers), GUNICORN_THREADS, GUNICORN_TIMEOUT. gunicorn
+honours $PORT for the address (0.0.0.0:$PORT, as Render needs); command-line options win over this file.
+"""
+
+import os
+
+
+def setting(name: str, default: int, low: int, high: int) -> int:
+    value = os.environ.get(name) or str(default)
+    if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+        raise SystemExit(f"{name} must be a whole number from {low} to {high}, not {value!r}.")
+    return int(value)
+
+
+workers = setting("WEB_CONCURRENCY", 2, 1, 64)
+threads = setting("GUNICORN_THREADS", 4, 1, 64)
+worker_class = "gthread" if threads > 1 else "sync"
+# Each thread holds at most one database connection: workers x threads x instances must stay below
+# PostgreSQL's max_connections (about 100 on Render's smallest plans).
+os.environ.setdefault("DB_POOL_SIZE", str(threads))
+
+# gthread keeps connections open between requests (sync workers cannot); Render's proxy reuses them.
+keepalive = 5
+timeout = setting("GUNICORN_TIMEOUT", 30, 5, 600)  # a worker silent this long is killed and replaced
+graceful_timeout = 30  # on SIGTERM, requests in flight get this long to finish
+
+# Load the app once in the master: start-up work (migrations in development, the first admin) runs once, and
+# workers share its memory. Connections the master opened are dropped in each worker below.
+preload_app = True
+# Recycle workers now and then, so a slow leak in any library cannot grow without bound.
+max_requests = 20_000
+max_requests_jitter = 2_000
+
+control_socket_disable = True  # gunicorn 27's control socket is not used here, and HOME may be read-only
+
+
+def post_fork(server, worker):
+    """A forked worker must not share the master's database connections: open its own."""
+    from app import app
+    from models import db
+
+    with app.app_context():
+        db.engine.dispose(close=False)
