@@ -3,6 +3,8 @@
 Chosen by measurement on a 2-core machine with PostgreSQL and Redis beside it (`make bench
 BENCH_ARGS=--compare-workers`, figures in bench/workers.md and the README's "Serving"): a request is a few
 milliseconds of Python around sub-millisecond SQL, so it is CPU-bound, and one process per core serves the most.
+Two sync workers served 459 requests/s to 16 clients with a p99 of 56 ms; gthread workers (2 x 2 threads) as many
+requests, with twice the tail (p99 104 ms), and three or more processes only competed for the two cores.
 The environment overrides each choice: WEB_CONCURRENCY (workers), GUNICORN_THREADS, GUNICORN_TIMEOUT. gunicorn
 honours $PORT for the address (0.0.0.0:$PORT, as Render needs); command-line options win over this file.
 """
@@ -18,13 +20,13 @@ def setting(name: str, default: int, low: int, high: int) -> int:
 
 
 workers = setting("WEB_CONCURRENCY", 2, 1, 64)
-threads = setting("GUNICORN_THREADS", 4, 1, 64)
+threads = setting("GUNICORN_THREADS", 1, 1, 64)
 worker_class = "gthread" if threads > 1 else "sync"
 # Each thread holds at most one database connection: workers x threads x instances must stay below
 # PostgreSQL's max_connections (about 100 on Render's smallest plans).
 os.environ.setdefault("DB_POOL_SIZE", str(threads))
 
-# gthread keeps connections open between requests (sync workers cannot); Render's proxy reuses them.
+# For gthread workers (GUNICORN_THREADS > 1): connections stay open between requests. Sync workers close each one.
 keepalive = 5
 timeout = setting("GUNICORN_TIMEOUT", 30, 5, 600)  # a worker silent this long is killed and replaced
 graceful_timeout = 30  # on SIGTERM, requests in flight get this long to finish
