@@ -41,6 +41,15 @@ max_requests_jitter = 2_000
 control_socket_disable = True  # gunicorn 27's control socket is not used here, and HOME may be read-only
 
 
+def when_ready(server):
+    """The master serves no request: close the connections its start-up work opened."""
+    from app import app
+    from models import db
+
+    with app.app_context():
+        db.engine.dispose()
+
+
 def post_fork(server, worker):
     """A forked worker must not share the master's database connections: open its own."""
     from app import app

@@ -100,6 +100,8 @@ def _configure_sqlite(dbapi_connection, _connection_record):
     if isinstance(dbapi_connection, sqlite3.Connection):
         dbapi_connection.isolation_level = None  # the driver's own BEGIN comes too late; see _begin_sqlite
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        # INSERT OR REPLACE deletes the row it replaces: with this, that fires the delete trigger of task_counts.
+        dbapi_connection.execute("PRAGMA recursive_triggers = ON")
         # SQLite's own lower() folds ASCII only; case-insensitive filters must match "MÜLLER" too.
         dbapi_connection.create_function("lower", 1, simple_lower, deterministic=True)
 

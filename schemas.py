@@ -294,7 +294,7 @@ class TaskQuerySchema(Schema):
     sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
     sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
     cursor = Text(
-        validate=Length(min=1, max=1000),
+        validate=Length(min=1, max=4096),  # a long non-ASCII sort value and every filter fit
         metadata={
             "description": "pagination.next_cursor of the previous page: the next page by keyset, as fast at any "
             "depth. It carries the filters and sort (repeating them is allowed, changing them is a 400); not with "

@@ -68,10 +68,10 @@ def cursor_serializer() -> URLSafeSerializer:
     return URLSafeSerializer(current_app.config["SECRET_KEY"], salt="tasks-list-cursor")
 
 
-def make_cursor(query: dict, last: Task, page: int) -> str:
+def make_cursor(query: dict, sort_by: str, last: Task, page: int) -> str:
     """An opaque cursor for the page after ``last``: the query it belongs to, the sort value and id of the
     last row, and the number of the page it leads to."""
-    value = getattr(last, query.get("sort_by", "date_created"))
+    value = getattr(last, sort_by)
     value = value.isoformat() if isinstance(value, datetime) else value
     return cursor_serializer().dumps({"query": query, "after": [value, str(last.id)], "page": page})
 
@@ -110,12 +110,14 @@ def list_query() -> tuple[dict, dict, dict | None]:
     given = {name: value for name, value in request.args.items() if name not in ("cursor", "per_page")}
     if "page" in given:
         raise ValidationError({"page": ["Give page or cursor, not both."]})
-    changed = sorted(name for name, value in given.items() if cursor["query"].get(name) != value)
+    query = cursor["query"] | ({"per_page": request.args["per_page"]} if "per_page" in request.args else {})
+    args = TaskQuerySchema().load(query)
+    # Compared as loaded, so that repeating a default (sort_order=desc) or another spelling of a date is no change.
+    changed = [name for name, value in given.items() if TaskQuerySchema().load(query | {name: value}) != args]
     if changed:
         message = "Differs from the query this cursor belongs to: drop it, or start again without cursor."
         raise ValidationError({name: [message] for name in changed})
-    query = cursor["query"] | ({"per_page": request.args["per_page"]} if "per_page" in request.args else {})
-    return TaskQuerySchema().load(query), query, cursor
+    return args, query, cursor
 
 
 def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID | None) -> bool:
@@ -173,7 +175,7 @@ def list_tasks():
             "pages": -(-total // per_page),
             "has_next": has_next,
             "has_prev": page > 1,
-            "next_cursor": make_cursor(query, tasks[-1], page + 1) if has_next else None,
+            "next_cursor": make_cursor(query, args["sort_by"], tasks[-1], page + 1) if has_next else None,
         },
     }
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from app import create_app
 from helpers import GUNICORN, POSTGRES_URL, call, settings
@@ -246,3 +247,28 @@ def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_d
     assert sum(kept.values()) == 120 - 20 + 40
     server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+def test_replacing_a_task_in_one_statement_keeps_the_counts_exact(app, make_task):
+    """SQLite's INSERT OR REPLACE deletes the old row (counted thanks to recursive triggers); PostgreSQL's upsert
+    updates it."""
+    task = make_task(status="open", task_type="Call")
+    replacement = {
+        "id": uuid.UUID(task["id"]),
+        "entity_name": "ABC Corporation",
+        "task_type": "Meeting",
+        "task_time": datetime(2025, 1, 1, tzinfo=UTC),
+        "date_created": datetime(2025, 1, 1, tzinfo=UTC),
+        "updated_at": datetime(2025, 1, 1, tzinfo=UTC),
+        "status": "closed",
+    }
+    with app.app_context():
+        if db.session.get_bind().dialect.name == "sqlite":
+            statement = sa.insert(Task).prefix_with("OR REPLACE").values(replacement)
+        else:
+            statement = postgresql.insert(Task).values(replacement)
+            statement = statement.on_conflict_do_update(index_elements=[Task.id], set_=dict(statement.excluded))
+        db.session.execute(statement)
+        db.session.commit()
+
+    assert assert_counts_exact(app) == {("closed", "Meeting", None): 1}

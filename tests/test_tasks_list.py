@@ -361,3 +361,33 @@ def test_a_cursor_page_takes_the_same_statements_as_page_one(client, auth_header
 
     assert len(body["tasks"]) == 10
     assert len(statements) == 3, statements
+
+
+def test_a_cursor_may_repeat_its_query_as_the_client_spells_it(client, auth_headers, make_task):
+    for n in range(3):
+        make_task(date_created=datetime(2025, 3, 1 + n, tzinfo=UTC))
+    cursor = listed(client, auth_headers, "?per_page=1&date_from=2025-01-01")["pagination"]["next_cursor"]
+
+    # The defaults spelt out, and the same date in its basic format, change nothing.
+    body = listed(client, auth_headers, f"?cursor={cursor}&sort_by=date_created&sort_order=desc&date_from=20250101")
+
+    assert body["pagination"]["page"] == 2
+    assert len(body["tasks"]) == 1
+
+
+def test_a_cursor_after_a_long_non_ascii_value_with_every_filter_works(client, auth_headers, make_task, user):
+    shuffle = random.Random(7)  # random CJK: the cursor's JSON escapes each to six characters and cannot compress it
+    name = "".join(chr(shuffle.randrange(0x4E00, 0x9FFF)) for _ in range(250))
+    for _ in range(3):
+        make_task(entity_name=name, task_type="Call", status="open")
+    query = (
+        f"?per_page=1&sort_by=entity_name&status=open&task_type=call&entity_name={name[:2]}"
+        f"&contact_person_id={user['id']}&date_from=2020-01-01&date_to=2030-12-31"
+    )
+    cursor = listed(client, auth_headers, query)["pagination"]["next_cursor"]
+    assert len(cursor) > 1000
+
+    second = listed(client, auth_headers, f"?cursor={cursor}")
+
+    assert second["pagination"]["page"] == 2
+    assert second["tasks"][0]["entity_name"] == name

@@ -6,7 +6,10 @@ task_counts table holds the number of tasks per (status, task type, assignee), k
 same transaction as every write, so totals and the dashboard need no scan of tasks.
 
 The SQL of the triggers is copied here on purpose: a migration is history, and must not change when models.py
-does. tests/test_migrations.py checks that a migrated database has the same triggers as models.py creates.
+does. tests/test_task_counts.py checks that a migrated database has the same triggers as models.py creates.
+
+The indexes are built inside the migration's transaction, not CONCURRENTLY: on a large existing table, writes to
+tasks wait until it commits.
 
 Revision ID: 0003
 Revises: 0002
