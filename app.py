@@ -1,14 +1,11 @@
 """FinStack Tasks: the application factory, and the WSGI ``app`` for ``gunicorn app:app`` and ``flask``."""
 
-import logging
 import os
-import re
-import uuid
 from collections.abc import Mapping
 
 import click
 from dotenv import load_dotenv
-from flask import Flask, g, request
+from flask import Flask
 from flask.helpers import get_load_dotenv
 from flask_cors import CORS
 from flask_migrate import Migrate
@@ -21,10 +18,11 @@ from models import db
 from routes import analytics, auth, docs, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
+from routes.logs import configure_logging, register_request_logging
+from routes.metrics import init_metrics
 
 PROJECT = os.path.dirname(os.path.abspath(__file__))
 MIGRATIONS = os.path.join(PROJECT, "migrations")
-REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 migrate = Migrate()
 
@@ -46,6 +44,8 @@ def create_app(config: Mapping | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
     db.init_app(app)
+    register_request_logging(app)  # the first hooks: the line, the request id and the timing cover all the others
+    init_metrics(app)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
     auth.jwt.init_app(app)
     CORS(
@@ -75,7 +75,6 @@ def create_app(config: Mapping | None = None) -> Flask:
     app.register_blueprint(docs.swagger_ui_blueprint())
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])
     register_error_handlers(app)
-    register_request_id(app)
     app.before_request(refuse_other_content_types)
     init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
@@ -95,27 +94,6 @@ def load_env_file() -> None:
     """Read the project's `.env`, wherever the server is started from (FLASK_SKIP_DOTENV=1 turns it off)."""
     if get_load_dotenv():
         load_dotenv(os.path.join(PROJECT, ".env"))
-
-
-def configure_logging(app: Flask) -> None:
-    """Log to stderr at LOG_LEVEL unless a server or test runner has set logging up already."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=app.config["LOG_LEVEL"], format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-
-
-def register_request_id(app: Flask) -> None:
-    """Give every request an id (the caller's ``X-Request-ID`` when sane) for logs and support."""
-
-    @app.before_request
-    def assign_request_id():
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-
-    @app.after_request
-    def echo_request_id(response):
-        if "request_id" in g:
-            response.headers["X-Request-ID"] = g.request_id
-        return response
 
 
 def __getattr__(name: str):

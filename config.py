@@ -35,6 +35,7 @@ DEFAULT_PASSWORD_HASH_METHOD = "pbkdf2:sha256:600000"
 OWASP_PBKDF2_ITERATIONS = {"sha256": 600_000, "sha512": 210_000, "sha1": 1_300_000}
 OWASP_SCRYPT_N_P = ((2**17, 1), (2**16, 2), (2**15, 3), (2**14, 5), (2**13, 10))
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
 APP_ENVS = ("development", "production")
 # An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
 ORIGIN = re.compile(
@@ -66,18 +67,33 @@ def checked_database_url(url: str) -> str:
     return url
 
 
-def engine_options(url: str, pool_size: int = 5, max_overflow: int = 0) -> dict:
-    """Connection settings on PostgreSQL: bounded connect time, stale-connection checks, sessions in UTC
-    whatever the server's default (timestamps near year 1 or 9999 only exist in UTC), and a pool per process
-    of at most ``pool_size + max_overflow`` connections."""
-    if url.startswith("postgresql"):
-        return {
-            "pool_pre_ping": True,
-            "pool_size": pool_size,
-            "max_overflow": max_overflow,
-            "connect_args": {"connect_timeout": 5, "options": "-c timezone=UTC"},
-        }
-    return {}
+def engine_options(
+    url: str, pool_size: int = 5, max_overflow: int = 0, connect_timeout: int = 5, statement_timeout: int = 10_000
+) -> dict:
+    """Connection settings on PostgreSQL: sessions in UTC whatever the server's default (timestamps near year 1
+    or 9999 only exist in UTC), a pool per process of at most ``pool_size + max_overflow`` connections, checked
+    before use, and every wait bounded so that a database that goes away makes requests answer 503 promptly
+    instead of hanging: the connect (``connect_timeout`` s), each statement (``statement_timeout`` ms, 0 for
+    none), a connection lost without a word (TCP keepalives; unacknowledged data for 10 s) and the wait for a
+    pooled connection. Statement parameters never appear in errors or logs (they may hold personal data)."""
+    if not url.startswith("postgresql"):
+        return {"hide_parameters": True}
+    return {
+        "hide_parameters": True,
+        "pool_pre_ping": True,
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        "pool_timeout": 10,
+        "connect_args": {
+            "connect_timeout": connect_timeout,
+            "options": f"-c timezone=UTC -c statement_timeout={statement_timeout}",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10_000,
+        },
+    }
 
 
 def parse_port(name: str, value: str | None, default: int) -> int:
@@ -171,6 +187,11 @@ class Config:
             self.SQLALCHEMY_DATABASE_URI,
             pool_size=parse_count("DB_POOL_SIZE", env("DB_POOL_SIZE"), default=5, low=1, high=100),
             max_overflow=parse_count("DB_MAX_OVERFLOW", env("DB_MAX_OVERFLOW"), default=0, high=100),
+            connect_timeout=parse_count("DB_CONNECT_TIMEOUT", env("DB_CONNECT_TIMEOUT"), default=5, low=1, high=60),
+            # Below gunicorn's worker timeout (30 s), so a slow statement is a 503, not a killed worker.
+            statement_timeout=parse_count(
+                "DB_STATEMENT_TIMEOUT", env("DB_STATEMENT_TIMEOUT"), default=10_000, high=3_600_000
+            ),
         )
         self.INSTANCE_PATH = env("INSTANCE_PATH")
         self.AUTO_MIGRATE = parse_flag("AUTO_MIGRATE", env("AUTO_MIGRATE"), default=not production)
@@ -210,6 +231,12 @@ class Config:
         self.LOG_LEVEL = env("LOG_LEVEL", "INFO").upper()
         if self.LOG_LEVEL not in LOG_LEVELS:
             raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {self.LOG_LEVEL!r}.")
+        # JSON lines for log collectors in production; plain lines for people in development.
+        self.LOG_FORMAT = env("LOG_FORMAT", "json" if production else "text").lower()
+        if self.LOG_FORMAT not in LOG_FORMATS:
+            raise ConfigError(f"LOG_FORMAT must be {' or '.join(LOG_FORMATS)}, not {self.LOG_FORMAT!r}.")
+        self.METRICS_ENABLED = parse_flag("METRICS_ENABLED", env("METRICS_ENABLED"), default=True)
+        self.METRICS_TOKEN = env("METRICS_TOKEN")
         self.VERSION = VERSION
         self.HOST = env("HOST", "127.0.0.1")  # `python app.py` only; gunicorn has --bind
         self.PORT = parse_port("PORT", env("PORT"), default=5000)
@@ -257,6 +284,11 @@ def check_production_settings(config: Mapping) -> None:
         raise ConfigError(
             f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r} is below the OWASP minimums: use "
             f"{DEFAULT_PASSWORD_HASH_METHOD} (the default) or scrypt:131072:8:1."
+        )
+    if config["METRICS_ENABLED"] and not config.get("METRICS_TOKEN"):
+        raise ConfigError(
+            "METRICS_TOKEN must be set in production while METRICS_ENABLED is on, so that only your Prometheus "
+            "reads /metrics (or set METRICS_ENABLED=false)."
         )
     if config["RATELIMIT_ENABLED"] and not config.get("RATELIMIT_STORAGE_URI"):
         raise ConfigError(

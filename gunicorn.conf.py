@@ -10,6 +10,9 @@ honours $PORT for the address (0.0.0.0:$PORT, as Render needs); command-line opt
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 
 def setting(name: str, default: int, low: int, high: int) -> int:
@@ -39,6 +42,30 @@ max_requests = 20_000
 max_requests_jitter = 2_000
 
 control_socket_disable = True  # gunicorn 27's control socket is not used here, and HOME may be read-only
+
+# Prometheus metrics: every worker writes its figures to files in one folder, and /metrics on any worker sums
+# them up. Set here, before the app (and prometheus_client) is loaded; a folder of our own unless one is given.
+metrics_folder_is_ours = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if metrics_folder_is_ours:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="finstack-metrics-")
+
+
+def on_starting(server):
+    """Figures left by an earlier run in a given folder would be counted again: start from none."""
+    for leftover in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        leftover.unlink()
+
+
+def child_exit(server, worker):
+    """A worker that exited no longer counts in the live gauges (connections in use)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if metrics_folder_is_ours:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def when_ready(server):

@@ -423,3 +423,24 @@ class HealthSchema(Schema):
 
 class HealthUnavailableSchema(HealthSchema, ErrorSchema):
     pass
+
+
+class MigrationStateSchema(Schema):
+    current = fields.List(fields.String(), required=True, metadata={"description": "Revisions the database is at."})
+    expected = fields.List(fields.String(), required=True, metadata={"description": "The migrations' latest."})
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, validate=OneOf(("ready",)))
+    database = fields.String(required=True, validate=OneOf(("ok",)))
+    timestamp = Timestamp(required=True)
+    version = fields.String(required=True)
+    migration = fields.Nested(MigrationStateSchema, required=True)
+
+
+class ReadyUnavailableSchema(ErrorSchema):
+    status = fields.String(required=True, validate=OneOf(("unavailable",)))
+    database = fields.String(required=True, validate=OneOf(("unavailable", "not migrated")))
+    timestamp = Timestamp(required=True)
+    version = fields.String(required=True)
+    migration = fields.Nested(MigrationStateSchema)

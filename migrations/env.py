@@ -55,6 +55,8 @@ def run_migrations_online():
             if connection.dialect.name == "postgresql":
                 # Several instances may start `flask db upgrade` together; the others wait, then find nothing to do.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                # Building an index on a big table takes longer than any request may (DB_STATEMENT_TIMEOUT).
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
             context.run_migrations()
 
 

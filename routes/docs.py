@@ -31,12 +31,13 @@ DOCS_CSP = {
 NOT_DESCRIBED = {"swagger_ui.show"}
 BEARER = "bearerAuth"
 REFRESH_BEARER = "refreshToken"
+METRICS_BEARER = "metricsToken"
 TAGS = [
     {"name": "auth", "description": "Log in, keep a session going with refresh tokens, log out."},
     {"name": "users", "description": "Profiles, the assignment list, and administration of accounts."},
     {"name": "tasks", "description": "Calls, meetings and follow-ups logged against client entities."},
     {"name": "analytics", "description": "The dashboard's figures."},
-    {"name": "health", "description": "Liveness for load balancers and people."},
+    {"name": "health", "description": "Liveness and readiness for load balancers, and metrics for Prometheus."},
     {"name": "docs", "description": "This document."},
 ]
 # Every error has the same body; these are the answers operations share, by status.
@@ -131,6 +132,9 @@ def build_spec(app: Flask) -> dict:
         spec.components.security_scheme(
             name, {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": token}
         )
+    spec.components.security_scheme(
+        METRICS_BEARER, {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when it is set."}
+    )
     for status, (name, description) in ERRORS.items():
         response = {"description": description, "content": {"application/json": {"schema": "ErrorSchema"}}}
         if status in ERROR_HEADERS:

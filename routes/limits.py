@@ -13,7 +13,7 @@ from flask_limiter import Limiter
 from jwt import PyJWTError
 from limits import parse_many
 
-from routes import health
+from routes import health, metrics
 from routes.errors import APIError
 
 # Seconds to wait for Redis: a slow rate-limit store must not hold requests up (see in_memory_fallback below).
@@ -119,6 +119,7 @@ def init_limiter(app: Flask) -> Limiter:
         return limiter
     app.extensions["rate_limiter"] = limiter  # for the password-attempt budget below
     limiter.exempt(health.bp)  # load balancers poll it; it must never be refused
+    limiter.exempt(metrics.bp)  # Prometheus scrapes it on its own schedule
 
     # Per client address. Failed password checks per username are counted by the views (spend_password_attempt).
     strict = {

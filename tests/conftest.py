@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 import pytest
 import redis
 import sqlalchemy as sa
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
-from app import create_app
+from app import MIGRATIONS, create_app
 from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Server, settings, token_for
 from models import Task, User, db
 from schemas import TaskSchema
@@ -43,9 +45,21 @@ APP_ENVIRONMENT = (
     "RATELIMIT_REGISTER",
     "RATELIMIT_REFRESH",
     "RATELIMIT_KEY_PREFIX",
+    "LOG_FORMAT",
+    "METRICS_ENABLED",
+    "METRICS_TOKEN",
+    "DB_POOL_SIZE",
+    "DB_MAX_OVERFLOW",
+    "DB_CONNECT_TIMEOUT",
+    "DB_STATEMENT_TIMEOUT",
+    "PROMETHEUS_MULTIPROC_DIR",
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()
+MIGRATION_SCRIPTS = ScriptDirectory(MIGRATIONS)
+# test_failure.py needs PostgreSQL in any run (it cuts a TCP line between the app and it) and covers both databases
+# itself: collected in the PostgreSQL run only, so once per `make test`, and never skipped.
+collect_ignore = [] if POSTGRES_URL else ["test_failure.py"]
 
 
 def pytest_report_header(config):
@@ -82,7 +96,9 @@ def pytest_sessionstart(session):
     except sa.exc.OperationalError as error:
         pytest.exit(f"PostgreSQL at {POSTGRES_URL} refused the connection: {error}", returncode=1)
     db.metadata.drop_all(engine)
-    db.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        create_schema(connection)
     engine.dispose()
     session.config.stash[SCHEMA_CREATED] = True
 
@@ -91,6 +107,8 @@ def pytest_sessionfinish(session, exitstatus):
     if session.config.stash.get(SCHEMA_CREATED, False) and exitstatus != pytest.ExitCode.INTERRUPTED:
         engine = schema_engine()
         db.metadata.drop_all(engine)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         engine.dispose()
 
 
@@ -135,13 +153,20 @@ def rate_limit_storage(request) -> dict:
     return {"RATELIMIT_STORAGE_URI": REDIS_URL, "RATELIMIT_KEY_PREFIX": request.getfixturevalue("redis_prefix")}
 
 
+def create_schema(connection: sa.Connection) -> None:
+    """The tables the models describe (which the migrations must build: test_commands.py checks), stamped with
+    the latest migration as `flask db upgrade` would leave them, so that the app counts as ready."""
+    db.metadata.create_all(connection)
+    MigrationContext.configure(connection).stamp(MIGRATION_SCRIPTS, "heads")
+
+
 @pytest.fixture
 def app(request, tmp_path):
     overrides = app_overrides(request)
     if POSTGRES_URL is None:
         app = create_app(settings(f"sqlite:///{tmp_path / 'test.db'}", tmp_path, **overrides))
-        with app.app_context():
-            db.create_all()
+        with app.app_context(), db.engine.begin() as connection:
+            create_schema(connection)
         yield app
         with app.app_context():
             db.engine.dispose()

@@ -29,6 +29,7 @@ PRODUCTION = {
     "SECRET_KEY": secrets.token_urlsafe(48),
     "JWT_SECRET_KEY": secrets.token_urlsafe(48),
     "RATELIMIT_STORAGE_URI": REDIS_URL,
+    "METRICS_TOKEN": secrets.token_urlsafe(32),
 }
 PASSWORD = "correct-horse-battery"
 PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone"}

@@ -15,7 +15,8 @@ from routes.docs import NOT_DESCRIBED, openapi_path
 
 METHODS = {"get", "put", "post", "patch", "delete"}
 PUBLIC = {("post", "/api/auth/login"), ("post", "/api/auth/register"), ("get", "/api/health"),
-          ("get", "/api/openapi.json")}  # fmt: skip
+          ("get", "/api/health/ready"), ("get", "/api/openapi.json")}  # fmt: skip
+NEVER_LIMITED = {"/api/health", "/api/health/ready", "/metrics"}  # polled by load balancers and Prometheus
 
 
 def routes(app) -> set[tuple[str, str]]:
@@ -70,12 +71,14 @@ def test_only_login_register_health_and_the_document_need_no_token(document):
         if operation.get("security") == [] or {} in operation.get("security", [])
     }
 
-    assert optional == PUBLIC | {("post", "/api/auth/refresh")}  # a refresh token in the body will do
+    # A refresh token in the body will do; metrics need METRICS_TOKEN when it is set.
+    assert optional == PUBLIC | {("post", "/api/auth/refresh"), ("get", "/metrics")}
     assert document["security"] == [{"bearerAuth": []}]
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "An access token."
     }  # fmt: skip
     assert document["paths"]["/api/auth/refresh"]["post"]["security"] == [{}, {"refreshToken": []}]
+    assert document["paths"]["/metrics"]["get"]["security"] == [{"metricsToken": []}, {}]
 
 
 def test_every_operation_documents_its_errors(document):
@@ -90,9 +93,9 @@ def test_every_operation_documents_its_errors(document):
             assert "400" in statuses, (method, path)  # a body that is not JSON
         if "{" in path:
             assert "404" in statuses, (method, path)
-        if path != "/api/health":
+        if path not in NEVER_LIMITED:
             assert "429" in statuses, (method, path)
-        if path != "/api/openapi.json":
+        if path not in {"/api/openapi.json", "/metrics"}:  # the only two that need no database
             assert "503" in statuses, (method, path)
         assert operation["summary"] and operation["operationId"], (method, path)
     ids = [operation["operationId"] for _, _, operation in operations(document)]

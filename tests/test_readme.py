@@ -23,7 +23,9 @@ def test_readme_curl_examples_work(servers, environment):
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout
     assert '"database":"ok"' in output.replace(" ", "")
-    assert "FinStack Tasks API 3.0.3 16 paths" in output
+    assert "FinStack Tasks API 3.0.3 18 paths" in output
+    assert '"status":"ready"' in output.replace(" ", "")
+    assert 'flask_http_request_duration_seconds_count{endpoint="auth.login",method="POST",status="200"} 2.0' in output
     assert output.count('"message":"Registration successful."') == 1
     for expected in (
         "Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted.",

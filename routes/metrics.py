@@ -1,0 +1,84 @@
+"""Prometheus metrics at ``/metrics`` (prometheus-flask-exporter): requests counted and timed by endpoint, method
+and status, and the database pool's connections in use. Under gunicorn every worker writes its figures to files
+in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it up), so any worker answers for all of them.
+
+METRICS_ENABLED=false removes the route; METRICS_TOKEN, when set, must come as ``Authorization: Bearer <token>``
+(production refuses to start with metrics on and no token)."""
+
+import hmac
+
+from flask import Blueprint, Flask, Request, current_app, request
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_flask_exporter import PrometheusMetrics
+from sqlalchemy import event
+
+from models import db
+from routes.errors import APIError
+
+bp = Blueprint("metrics", __name__)
+
+
+def endpoint(req: Request) -> str:
+    """The label requests are grouped by: the view's name (a bounded set, unlike paths with ids in them)."""
+    return req.endpoint or "unmatched"
+
+
+def init_metrics(app: Flask) -> None:
+    """Count and time every request, watch the pool, and serve /metrics, when METRICS_ENABLED."""
+    if not app.config["METRICS_ENABLED"]:
+        return
+    registry = CollectorRegistry()  # one per app: tests build many apps in one process
+    exporter = PrometheusMetrics(app, path=None, registry=registry, group_by=endpoint, excluded_paths=["^/metrics$"])
+    app.extensions["metrics"] = exporter
+    watch_pool(app, registry)
+    app.register_blueprint(bp)
+
+
+def watch_pool(app: Flask, registry: CollectorRegistry) -> None:
+    """Pool gauges summed over the live worker processes, kept by the pool's own check-out and check-in events
+    (which outlive ``engine.dispose()``, as each gunicorn worker does after the fork)."""
+    in_use = Gauge(
+        "finstack_db_pool_connections_in_use",
+        "Database connections checked out of the pool, over all live workers.",
+        registry=registry,
+        multiprocess_mode="livesum",
+    )
+    size = Gauge(
+        "finstack_db_pool_size",
+        "Connections each pool keeps open, summed over all live workers.",
+        registry=registry,
+        multiprocess_mode="livesum",
+    )
+    with app.app_context():
+        engine = db.engine
+
+    @event.listens_for(engine, "checkout")
+    def checked_out(_dbapi_connection, _record, _proxy):
+        in_use.inc()
+        size.set(engine.pool.size())
+
+    @event.listens_for(engine, "checkin")
+    def checked_in(_dbapi_connection, _record):
+        in_use.dec()
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus metrics in the text exposition format.
+
+    Open unless METRICS_TOKEN is set; then that token is required as a bearer token.
+    ---
+    tags: [health]
+    security: [{metricsToken: []}, {}]
+    responses:
+      200: {description: The metrics., content: {text/plain: {schema: {type: string}}}}
+      401: {$ref: "#/components/responses/Unauthorized"}
+    x-not: [429, 503]
+    """
+    token = current_app.config["METRICS_TOKEN"]
+    if token:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+            raise APIError("Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.", 401)
+    body, content_type = current_app.extensions["metrics"].generate_metrics(request.headers.get("Accept"))
+    return body, 200, {"Content-Type": content_type, "Cache-Control": "no-store"}

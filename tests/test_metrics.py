@@ -1,0 +1,117 @@
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
+
+from app import create_app
+from config import Config, ConfigError, check_production_settings
+from helpers import assert_error, call, gunicorn, settings
+from models import db
+
+
+def samples(text_format: str) -> dict[tuple, float]:
+    """Every sample of a Prometheus text page, by (name, sorted labels)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text_format)
+        for sample in family.samples
+    }
+
+
+def request_count(page: dict, endpoint: str, status: str, method: str = "GET") -> float:
+    labels = (("endpoint", endpoint), ("method", method), ("status", status))
+    return page.get(("flask_http_request_duration_seconds_count", labels), 0)
+
+
+def scrape(client, **headers) -> dict:
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return samples(response.get_data(as_text=True))
+
+
+def test_requests_are_counted_and_timed_by_endpoint_and_status(client, auth_headers):
+    for _ in range(3):
+        client.get("/api/tasks", headers=auth_headers)
+    client.get("/api/tasks")  # 401
+    client.get("/api/no-such-thing")  # 404, no endpoint
+
+    page = scrape(client)
+
+    assert request_count(page, "tasks.list_tasks", "200") == 3
+    assert request_count(page, "tasks.list_tasks", "401") == 1
+    assert request_count(page, "unmatched", "404") == 1
+    labels = (("endpoint", "tasks.list_tasks"), ("le", "+Inf"), ("method", "GET"), ("status", "200"))
+    assert page[("flask_http_request_duration_seconds_bucket", labels)] == 3
+    assert request_count(page, "metrics.metrics", "200") == 0  # scrapes are not counted
+
+
+def test_pool_connections_in_use_are_reported(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path))  # its own pool, not the suite's shared connection
+    client = app.test_client()
+    with app.app_context():
+        db.session.execute(text("SELECT 1"))  # holds a connection until the context ends
+        busy = scrape(client)
+    idle = scrape(client)
+
+    assert busy[("finstack_db_pool_connections_in_use", ())] == 1
+    assert idle[("finstack_db_pool_connections_in_use", ())] == 0
+    assert idle[("finstack_db_pool_size", ())] >= 1
+    with app.app_context():
+        db.engine.dispose()
+
+
+@pytest.mark.app_config(METRICS_TOKEN="scrape-token-0123456789")
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "Basic scrape-token-0123456789"])
+def test_metrics_need_the_token_when_one_is_set(client, auth_headers, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+
+    assert_error(client.get("/metrics", headers=headers), 401)
+    assert_error(client.get("/metrics", headers=auth_headers), 401)  # a user's token is not the metrics token
+    assert scrape(client, Authorization="Bearer scrape-token-0123456789")
+
+
+@pytest.mark.app_config(METRICS_ENABLED=False)
+def test_metrics_can_be_switched_off(client):
+    assert_error(client.get("/metrics"), 404)
+    assert client.get("/api/health").status_code == 200
+
+
+def test_production_refuses_open_metrics():
+    config = Config({"APP_ENV": "production"})
+    with pytest.raises(ConfigError, match="METRICS_TOKEN must be set in production"):
+        check_production_settings(vars(config) | {"RATELIMIT_STORAGE_URI": "redis://x"})
+    check_production_settings(vars(config) | {"METRICS_ENABLED": False, "RATELIMIT_STORAGE_URI": "redis://x"})
+
+
+def test_two_apps_in_one_process_keep_their_own_figures(tmp_path):
+    first = create_app(settings(f"sqlite:///{tmp_path / 'a.db'}", tmp_path))
+    second = create_app(settings(f"sqlite:///{tmp_path / 'b.db'}", tmp_path))
+    first.test_client().get("/api/health")
+
+    assert request_count(scrape(first.test_client()), "health.health", "200") == 1
+    assert request_count(scrape(second.test_client()), "health.health", "200") == 0
+
+
+def test_every_gunicorn_worker_counts_in_one_page(servers, environment):
+    access_log = ["--access-logfile", "-", "--access-logformat", "worker=%(p)s %(U)s %(s)s"]
+    server = servers.start(gunicorn("--workers", "3", *access_log), environment)
+
+    def ready(_):
+        return call("GET", f"{server.url}/api/health/ready")[0]
+
+    rounds = 0
+    while len(set(re.findall(r"worker=<(\d+)> /api/health/ready 200", server.log.read_text()))) < 2 and rounds < 20:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert set(pool.map(ready, range(12))) == {200}
+        rounds += 1
+    answered = re.findall(r"worker=<(\d+)> /api/health/ready 200", server.log.read_text())
+    assert len(set(answered)) >= 2  # several processes served them
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        page = samples(response.read().decode())
+
+    assert request_count(page, "health.ready", "200") == len(answered) == 12 * rounds
