@@ -68,6 +68,9 @@ def test_cors_origin_is_a_comma_separated_list():
         ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT must be a whole number"),
         ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE must be a whole number from 1 to 100"),
         ({"DB_MAX_OVERFLOW": "many"}, "DB_MAX_OVERFLOW must be a whole number from 0 to 100"),
+        ({"DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT must be a whole number from 1 to 60"),
+        ({"DB_STATEMENT_TIMEOUT": "10s"}, "DB_STATEMENT_TIMEOUT must be a whole number from 0 to 3600000"),
+        ({"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED must be true or false"),
     ],
 )
 def test_a_malformed_setting_is_a_clear_error(environment, message):
@@ -83,6 +86,19 @@ def test_the_connection_pool_is_sized_by_the_environment():
 
     assert (default["pool_size"], default["max_overflow"]) == (5, 0)
     assert (sized["pool_size"], sized["max_overflow"]) == (4, 2)
+
+
+def test_every_postgresql_wait_is_bounded():
+    url = "postgresql://postgres@127.0.0.1:5432/finstack"
+    default = Config({"DATABASE_URL": url}).SQLALCHEMY_ENGINE_OPTIONS
+    tuned = Config({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT": "2", "DB_STATEMENT_TIMEOUT": "2500"})
+
+    assert default["connect_args"]["connect_timeout"] == 5
+    assert "-c statement_timeout=10000" in default["connect_args"]["options"]
+    assert default["connect_args"]["keepalives"] == 1 and default["connect_args"]["tcp_user_timeout"] > 0
+    assert default["pool_timeout"] < 30 and default["hide_parameters"] is True
+    assert tuned.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["connect_timeout"] == 2
+    assert "-c statement_timeout=2500" in tuned.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["options"]
 
 
 def test_env_example_documents_every_setting():
