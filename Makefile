@@ -7,7 +7,7 @@ TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 OPENAPI_SERVER ?= http://127.0.0.1:5000
 
-.PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check bench clean
+.PHONY: help install browser run lint format test test-sqlite test-postgres fuzz openapi db-upgrade db-check bench soak clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,11 +75,18 @@ $(VENV)/.bench-installed: requirements.txt requirements-bench.txt | $(BIN)/pytho
 	$(BIN)/pip install --quiet -r requirements-bench.txt
 	@touch $@ $(VENV)/.installed
 
+# Debian's wrk, the load generator of `make bench` and `make soak`: installed when missing.
+INSTALL_WRK = command -v wrk >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	$$SUDO apt-get install -y --no-install-recommends wrk || \
+	{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends wrk; }; }
+
 bench: $(VENV)/.bench-installed  ## Benchmark on PostgreSQL with gunicorn and wrk (~7 min): bench/results.md (BENCH_ARGS=--quick)
-	@command -v wrk >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-		$$SUDO apt-get install -y --no-install-recommends wrk || \
-		{ $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends wrk; }; }
+	@$(INSTALL_WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: $(VENV)/.bench-installed  ## Mixed traffic for 3 min: memory per worker flat, no errors (~4 min): bench/soak.md (SOAK_ARGS=--quick)
+	@$(INSTALL_WRK)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:  ## Remove the virtualenv, caches and the development database
 	rm -rf $(VENV) .pytest_cache instance

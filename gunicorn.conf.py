@@ -9,6 +9,7 @@ The environment overrides each choice: WEB_CONCURRENCY (workers), GUNICORN_THREA
 honours $PORT for the address (0.0.0.0:$PORT, as Render needs); command-line options win over this file.
 """
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -44,10 +45,15 @@ max_requests_jitter = 2_000
 control_socket_disable = True  # gunicorn 27's control socket is not used here, and HOME may be read-only
 
 # Prometheus metrics: every worker writes its figures to files in one folder, and /metrics on any worker sums
-# them up. Set here, before the app (and prometheus_client) is loaded; a folder of our own unless one is given.
-metrics_folder_is_ours = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if metrics_folder_is_ours:
+# them up. Set here, before the app (and prometheus_client) is loaded; a folder of our own unless one is given,
+# removed when the master exits, however it exits (a start that fails included), and never by a worker.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="finstack-metrics-")
+    atexit.register(
+        lambda master, folder: os.getpid() == master and shutil.rmtree(folder, ignore_errors=True),
+        os.getpid(),
+        os.environ["PROMETHEUS_MULTIPROC_DIR"],
+    )
 
 
 def on_starting(server):
@@ -61,11 +67,6 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
-
-
-def on_exit(server):
-    if metrics_folder_is_ours:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def when_ready(server):

@@ -1,4 +1,8 @@
-"""The benchmark's reports: bench/results.md, its chart, the README's table and bench/workers.md."""
+"""The benchmark's reports: bench/results.md, its chart, the README's table and bench/workers.md.
+
+bench/results.md also carries the summary of the latest `make soak` (bench/soak.py): the part of bench/soak.md
+between its soak markers, copied in whenever either program writes the file.
+"""
 
 import re
 from pathlib import Path
@@ -6,6 +10,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 NOTES = BENCH / "notes.md"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+SOAK = BENCH / "soak.md"
+SOAK_START, SOAK_END = "<!-- soak:start -->", "<!-- soak:end -->"
+SOAK_HEADING = "## Soak test (`make soak`)"
 TARGET_RPS_16 = 300
 
 
@@ -281,9 +288,40 @@ def results_markdown(results: dict, chart: str) -> str:
             statement = shorten(slowest["statement"]).replace("|", "\\|")
             hottest = slowest["hottest"]
             lines.append(f"| `{row['name']}` | {ms(row['sql_ms'])} | `{statement}` | {ms(slowest['ms'])} | {hottest} |")
+    soak = soak_block()
+    if soak:
+        lines += ["", SOAK_HEADING, "", soak]
     if NOTES.exists():
         lines += ["", "## Notes", "", NOTES.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+def soak_block(source: Path = SOAK) -> str | None:
+    """The soak summary, markers included, from bench/soak.md (None before the first `make soak`)."""
+    try:
+        text = source.read_text()
+    except OSError:
+        return None
+    start, end = text.find(SOAK_START), text.find(SOAK_END)
+    if start < 0 or end < start:
+        return None
+    return text[start : end + len(SOAK_END)]
+
+
+def update_soak_section(results: Path, block: str) -> None:
+    """Put the soak summary into bench/results.md: between its soak markers, else before its notes, else last."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    start, end = text.find(SOAK_START), text.find(SOAK_END)
+    if start >= 0 and end > start:
+        text = text[:start] + block + text[end + len(SOAK_END) :]
+    else:
+        section = f"{SOAK_HEADING}\n\n{block}\n"
+        notes = text.find("\n## Notes\n")
+        if notes >= 0:
+            text = text[: notes + 1] + section + "\n" + text[notes + 1 :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
 
 
 def chart(results: dict, path: Path) -> None:

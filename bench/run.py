@@ -49,6 +49,7 @@ CREATE_MARK = "Bench Create Co"
 PER_PAGE = 20  # the list's default page size
 PROFILED = "list_default,create"  # run under cProfile in-process: bench/out/profile-SIZE-NAME.txt
 SORT_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
+GUNICORN_KEYS = ("workers", "worker_class", "threads", "keepalive", "preload_app", "timeout")
 
 # The issue's targets, at 1M tasks with one client: median latency in ms.
 TARGETS_MS = {
@@ -93,11 +94,11 @@ def log(message: str) -> None:
 
 
 class Database:
-    """The benchmark's own PostgreSQL database (its name must start with finstack_bench)."""
+    """The benchmark's own PostgreSQL database (its name must start with ``prefix``: it is dropped afterwards)."""
 
-    def __init__(self, server_url: str, name: str):
-        if not name.startswith("finstack_bench"):
-            raise BenchError(f"--database must start with finstack_bench, not {name!r}: it is dropped afterwards.")
+    def __init__(self, server_url: str, name: str, prefix: str = "finstack_bench"):
+        if not name.startswith(prefix):
+            raise BenchError(f"--database must start with {prefix}, not {name!r}: it is dropped afterwards.")
         self.server_url = server_url.rstrip("/")
         self.name = name
         self.url = f"{self.server_url}/{name}"
@@ -151,13 +152,17 @@ class Database:
 
 
 class App:
-    """The production settings the app runs with here, and the `flask` commands and gunicorn servers using them."""
+    """The production settings the app runs with here, and the `flask` commands and gunicorn servers using them.
 
-    def __init__(self, args, database: Database):
+    ``name`` tells the runs apart (temporary folder, rate-limit key prefix); logs go to ``out``.
+    """
+
+    def __init__(self, args, database: Database, name: str = "bench", out: Path = OUT):
         self.args = args
-        self.instance = Path(tempfile.mkdtemp(prefix="finstack-bench-"))
+        self.out = out
+        self.instance = Path(tempfile.mkdtemp(prefix=f"finstack-{name}-"))
         self.redis_url = args.redis_url
-        self.redis_prefix = f"finstack-bench-{secrets.token_hex(4)}"
+        self.redis_prefix = f"finstack-{name}-{secrets.token_hex(4)}"
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("ADMIN_", "GUNICORN_CMD_ARGS"))}
         self.env = environment | {
             "APP_ENV": "production",
@@ -177,20 +182,26 @@ class App:
             "RATELIMIT_LOGIN": "1000 per minute",
             "RATELIMIT_REGISTER": "1000 per minute",
             "RATELIMIT_REFRESH": "1000 per minute",
+            # Production refuses to start with metrics on and no token for Prometheus (ignored by builds without),
+            # and the workers' metric files go in the run's own folder, removed by cleanup() (even after
+            # `gunicorn --print-config`, which makes a folder of its own otherwise and never removes it).
+            "METRICS_TOKEN": secrets.token_urlsafe(32),
+            "PROMETHEUS_MULTIPROC_DIR": str(self.instance / "metrics"),
             "PYTHONUNBUFFERED": "1",
         }
+        (self.instance / "metrics").mkdir()
 
     def flask(self, *command: str, log_name: str) -> str:
-        with open(OUT / log_name, "a") as output:
+        with open(self.out / log_name, "a") as output:
             output.write(f"$ flask {' '.join(command)}\n")
             output.flush()
             finished = subprocess.run(
                 [str(BIN / "flask"), *command], cwd=ROOT, env=self.env, stdout=output, stderr=subprocess.STDOUT
             )
         if finished.returncode:
-            tail = (OUT / log_name).read_text()[-2000:]
+            tail = (self.out / log_name).read_text()[-2000:]
             raise BenchError(f"`flask {' '.join(command)}` failed (exit {finished.returncode}):\n{tail}")
-        return (OUT / log_name).read_text()
+        return (self.out / log_name).read_text()
 
     def has_seed_demo(self) -> bool:
         finished = subprocess.run(
@@ -210,8 +221,8 @@ class App:
             "app:app",
         ]
 
-    def gunicorn_settings(self, overrides: list[str]) -> dict:
-        """Workers, worker class and threads as gunicorn resolves them (config file, then the flags)."""
+    def gunicorn_settings(self, overrides: list[str], keys: tuple[str, ...] = GUNICORN_KEYS) -> dict:
+        """Workers, worker class and threads (or ``keys``) as gunicorn resolves them (config file, then the flags)."""
         finished = subprocess.run(
             [*self.gunicorn_command(0, overrides)[:-1], "--print-config", "app:app"],
             cwd=ROOT,
@@ -223,7 +234,7 @@ class App:
         settings = {}
         for line in finished.stdout.splitlines():
             key, _, value = line.partition("=")
-            if key.strip() in ("workers", "worker_class", "threads", "keepalive", "preload_app", "timeout"):
+            if key.strip() in keys:
                 settings[key.strip()] = value.strip()
         return settings
 
@@ -255,7 +266,7 @@ class Server:
         self.overrides = overrides
         self.port = app.args.port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = OUT / f"gunicorn-{label}.log"
+        self.log_path = app.out / f"gunicorn-{label}.log"
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -662,7 +673,9 @@ def compare_workers(args, app: App, database: Database) -> list[dict]:
     return rows
 
 
-def machine(args, database: Database, app: App, overrides: list[str]) -> dict:
+def machine_info(database: Database, app: App, overrides: list[str], keys: tuple[str, ...] = GUNICORN_KEYS) -> dict:
+    """The machine, the versions and the gunicorn settings a run had (shared with bench/soak.py)."""
+
     def first(path: str, key: str) -> str:
         try:
             for line in Path(path).read_text().splitlines():
@@ -687,9 +700,14 @@ def machine(args, database: Database, app: App, overrides: list[str]) -> dict:
         "postgres": pg,
         "python": sys.version.split()[0],
         "wrk": wrk_version,
-        "gunicorn": app.gunicorn_settings(overrides),
+        "gunicorn": app.gunicorn_settings(overrides, keys),
         "gunicorn_conf": (ROOT / "gunicorn.conf.py").exists(),
         "overridden": bool(overrides),
+    }
+
+
+def machine(args, database: Database, app: App, overrides: list[str]) -> dict:
+    return machine_info(database, app, overrides) | {
         "duration": args.duration,
         "warmup": args.warmup,
         "clients": args.clients,
