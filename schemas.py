@@ -1,6 +1,7 @@
 """marshmallow schemas: what the API accepts (load) and what it answers (dump)."""
 
 from contextlib import suppress
+from contextvars import ContextVar
 from datetime import UTC, date, datetime, time, timedelta
 
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
@@ -234,6 +235,26 @@ class UserAdminSchema(Schema):
     is_admin = JSONBoolean()
 
 
+# Inside ``dump_tasks``: the people of the page being dumped so far, by id.
+PEOPLE_ON_PAGE: ContextVar[dict | None] = ContextVar("people_on_page", default=None)
+
+
+class Person(fields.Nested):
+    """A user inside a task. While ``dump_tasks`` dumps a page, each person is dumped once, however many of the
+    page's tasks name them (a page of 20 tasks names about a dozen people, twice each)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(UserSchema, **kwargs)
+
+    def _serialize(self, nested_obj, attr, obj, **kwargs):
+        people = PEOPLE_ON_PAGE.get()
+        if nested_obj is None or people is None:
+            return super()._serialize(nested_obj, attr, obj, **kwargs)
+        if nested_obj.id not in people:
+            people[nested_obj.id] = super()._serialize(nested_obj, attr, obj, **kwargs)
+        return people[nested_obj.id]
+
+
 class TaskSchema(Schema):
     id = fields.UUID(dump_only=True, required=True)
     date_created = Timestamp(dump_only=True, required=True)
@@ -243,10 +264,10 @@ class TaskSchema(Schema):
     contact_person_id = fields.UUID(
         required=True, load_only=True, metadata={"description": "The assignee: the id of an active user."}
     )
-    contact_person = fields.Nested(UserSchema, dump_only=True, required=True, allow_none=True)
+    contact_person = Person(dump_only=True, required=True, allow_none=True)
     note = Text(allow_none=True, validate=Length(max=10_000), metadata={"example": "Quarterly review"})
     status = Text(validate=OneOf(TASK_STATUSES), metadata={"description": "Defaults to open."})
-    created_by = fields.Nested(UserSchema, dump_only=True, required=True, allow_none=True)
+    created_by = Person(dump_only=True, required=True, allow_none=True)
     updated_at = Timestamp(dump_only=True, required=True)
 
     @pre_load
@@ -444,3 +465,12 @@ class ReadyUnavailableSchema(ErrorSchema):
     timestamp = Timestamp(required=True)
     version = fields.String(required=True)
     migration = fields.Nested(MigrationStateSchema)
+
+
+def dump_tasks(schema: TaskSchema, tasks) -> list[dict]:
+    """A page of tasks, each person on it dumped once (``Person``)."""
+    token = PEOPLE_ON_PAGE.set({})
+    try:
+        return schema.dump(tasks, many=True)
+    finally:
+        PEOPLE_ON_PAGE.reset(token)

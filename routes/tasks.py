@@ -12,7 +12,7 @@ from sqlalchemy import case, delete, func, literal, select, tuple_, update
 from models import Task, User, UTCDateTime, db, task_counts, utcnow
 from routes import load_args, load_json, require_login
 from routes.errors import APIError
-from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema, TaskUpdateSchema
+from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema, TaskUpdateSchema, dump_tasks
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 bp.before_request(require_login)
@@ -167,7 +167,7 @@ def list_tasks():
     tasks, has_next = rows[:per_page], len(rows) > per_page
     total = count_tasks(args)
     return {
-        "tasks": task_schema.dump(tasks, many=True),
+        "tasks": dump_tasks(task_schema, tasks),
         "pagination": {
             "page": page,
             "per_page": per_page,

@@ -8,6 +8,7 @@ import pytest
 from itsdangerous import URLSafeSerializer
 
 from helpers import assert_error
+from schemas import UserSchema
 
 
 def listed(client, headers, query: str = "") -> dict:
@@ -252,6 +253,25 @@ def test_list_takes_a_fixed_number_of_statements_whatever_the_page_size(
     assert all(task["contact_person"] and task["created_by"] for task in body["tasks"])
     # The token's user, the page with both people joined in, and the total.
     assert len(statements) == 3, statements
+
+
+def test_a_page_dumps_each_person_on_it_once(client, auth_headers, make_task, make_user, monkeypatch):
+    people = [make_user(f"person{n}") for n in range(3)]
+    for n in range(30):
+        make_task(contact_person_id=uuid.UUID(people[n % 3]["id"]), created_by_id=uuid.UUID(people[0]["id"]))
+    dumped = []
+    dump = UserSchema.dump
+    monkeypatch.setattr(UserSchema, "dump", lambda schema, obj, **kwargs: dumped.append(obj.id) or dump(schema, obj))
+
+    body = listed(client, auth_headers, "?per_page=30")
+
+    assert sorted(map(str, dumped)) == sorted(person["id"] for person in people)
+    by_id = {person["id"]: person for person in people}
+    for task in body["tasks"]:  # each task still names its own people, in full
+        assert task["contact_person"]["username"] == by_id[task["contact_person"]["id"]]["username"]
+        assert task["created_by"]["id"] == people[0]["id"]
+    single = client.get(f"/api/tasks/{body['tasks'][0]['id']}", headers=auth_headers).get_json()["task"]
+    assert single == body["tasks"][0]
 
 
 @pytest.mark.parametrize("sort_by", ["entity_name", "task_type"])
