@@ -3,6 +3,8 @@
 import os
 import re
 import secrets
+import select
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import cache
@@ -96,6 +98,36 @@ def engine_options(
     }
 
 
+def limit_postgresql_waits(connect_timeout: int, statement_timeout: int) -> None:
+    """Bound every wait of psycopg2 on PostgreSQL in this process, also for a server that answers nothing at all:
+    behind a hung server or a stuck proxy TCP still acknowledges, keepalives succeed, and libpq would wait for
+    ever. A connect gets ``connect_timeout`` s; an answer the statement timeout (``statement_timeout`` ms, which
+    the server enforces first) and 2 s more. For the server's workers (gunicorn.conf.py): with a wait callback
+    psycopg2 drives libpq asynchronously, and COPY (`flask seed-demo`) is not available that way."""
+    import psycopg2
+    from psycopg2 import extensions
+
+    answer_within = statement_timeout / 1000 + 2 if statement_timeout else None
+    connected = (extensions.STATUS_READY, extensions.STATUS_BEGIN, extensions.STATUS_PREPARED)
+
+    def wait(connection) -> None:
+        limit = answer_within if connection.status in connected else connect_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while (state := connection.poll()) != extensions.POLL_OK:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                # Worded as libpq words a lost line, so that SQLAlchemy drops the connection instead of waiting
+                # again for a ROLLBACK on it.
+                raise psycopg2.OperationalError(f"could not receive data from server: no answer in {limit:g} s")
+            descriptor = [connection.fileno()]
+            if state == extensions.POLL_READ:
+                select.select(descriptor, [], [], remaining)
+            else:  # POLL_WRITE
+                select.select([], descriptor, [], remaining)
+
+    extensions.set_wait_callback(wait)
+
+
 def parse_port(name: str, value: str | None, default: int) -> int:
     if value is None or value == "":
         return default
@@ -183,15 +215,19 @@ class Config:
         )
         # A request holds one connection: a sync worker needs one, a gthread worker one per thread (the
         # gunicorn.conf.py sets DB_POOL_SIZE to its threads). workers x pool x instances must fit max_connections.
+        self.DB_CONNECT_TIMEOUT = parse_count(
+            "DB_CONNECT_TIMEOUT", env("DB_CONNECT_TIMEOUT"), default=5, low=1, high=60
+        )
+        # Below gunicorn's worker timeout (30 s), so a slow statement is a 503, not a killed worker.
+        self.DB_STATEMENT_TIMEOUT = parse_count(
+            "DB_STATEMENT_TIMEOUT", env("DB_STATEMENT_TIMEOUT"), default=10_000, high=3_600_000
+        )
         self.SQLALCHEMY_ENGINE_OPTIONS = engine_options(
             self.SQLALCHEMY_DATABASE_URI,
             pool_size=parse_count("DB_POOL_SIZE", env("DB_POOL_SIZE"), default=5, low=1, high=100),
             max_overflow=parse_count("DB_MAX_OVERFLOW", env("DB_MAX_OVERFLOW"), default=0, high=100),
-            connect_timeout=parse_count("DB_CONNECT_TIMEOUT", env("DB_CONNECT_TIMEOUT"), default=5, low=1, high=60),
-            # Below gunicorn's worker timeout (30 s), so a slow statement is a 503, not a killed worker.
-            statement_timeout=parse_count(
-                "DB_STATEMENT_TIMEOUT", env("DB_STATEMENT_TIMEOUT"), default=10_000, high=3_600_000
-            ),
+            connect_timeout=self.DB_CONNECT_TIMEOUT,
+            statement_timeout=self.DB_STATEMENT_TIMEOUT,
         )
         self.INSTANCE_PATH = env("INSTANCE_PATH")
         self.AUTO_MIGRATE = parse_flag("AUTO_MIGRATE", env("AUTO_MIGRATE"), default=not production)

@@ -10,10 +10,15 @@ honours $PORT for the address (0.0.0.0:$PORT, as Render needs); command-line opt
 """
 
 import atexit
+import errno
 import os
 import shutil
+import socket
 import tempfile
+from contextlib import suppress
 from pathlib import Path
+
+import gunicorn.sock
 
 
 def setting(name: str, default: int, low: int, high: int) -> int:
@@ -79,9 +84,46 @@ def when_ready(server):
 
 
 def post_fork(server, worker):
-    """A forked worker must not share the master's database connections: open its own."""
+    """A forked worker must not share the master's database connections: open its own; and no wait on
+    PostgreSQL may outlast its timeouts, even when the server answers nothing (config.limit_postgresql_waits)."""
     from app import app
+    from config import limit_postgresql_waits
     from models import db
 
     with app.app_context():
         db.engine.dispose(close=False)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        limit_postgresql_waits(app.config["DB_CONNECT_TIMEOUT"], app.config["DB_STATEMENT_TIMEOUT"])
+
+
+def post_worker_init(worker):
+    """A worker that finds the listening socket shut down (below) is being stopped: it leaves its loop quietly
+    (accept() says EINVAL) instead of with a traceback."""
+    accept = worker.accept
+
+    def accept_until_shut_down(*args):
+        try:
+            return accept(*args)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            worker.alive = False
+            return None
+
+    worker.accept = accept_until_shut_down
+
+
+def close_listeners(listeners, unlink=True):
+    """On SIGTERM the master closes its listening sockets, but every worker holds a copy until it exits: a
+    worker busy with a long request would keep the port accepting connections it never serves. Shutting the
+    sockets down stops listening for all processes at once, so new connections are refused while the requests
+    in flight finish. Not when a re-executed master takes the sockets over (then ``unlink`` is false)."""
+    if unlink:
+        for listener in listeners:
+            with suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+    close_sockets(listeners, unlink)
+
+
+close_sockets = gunicorn.sock.close_sockets
+gunicorn.sock.close_sockets = close_listeners  # what the master's stop() calls (gunicorn 27)

@@ -6,7 +6,7 @@ from functools import partial
 from flask import Flask, current_app, g, jsonify, request
 from flask_limiter import RateLimitExceeded
 from marshmallow import ValidationError
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm.exc import StaleDataError
 from werkzeug.exceptions import HTTPException
@@ -166,6 +166,18 @@ def register_error_handlers(app: Flask) -> None:
         )
 
     register_jwt_callbacks(app.extensions["flask-jwt-extended"])
+
+    @app.teardown_appcontext
+    def end_session(_error):
+        """Hand the connection back even when the database died under the request: a ROLLBACK that fails here
+        must not turn a request already answered into the server's own HTML 500 (this runs before
+        Flask-SQLAlchemy's own teardown, which then has nothing left to do)."""
+        try:
+            db.session.remove()
+        except SQLAlchemyError as error:
+            current_app.logger.warning(
+                "Ending the database session failed (request %s): %s", g.get("request_id"), error
+            )
 
 
 def token_rejected(message: str, _header: dict, _payload: dict):
