@@ -119,11 +119,9 @@ def limit_postgresql_waits(connect_timeout: int, statement_timeout: int) -> None
                 # Worded as libpq words a lost line, so that SQLAlchemy drops the connection instead of waiting
                 # again for a ROLLBACK on it.
                 raise psycopg2.OperationalError(f"could not receive data from server: no answer in {limit:g} s")
-            descriptor = [connection.fileno()]
-            if state == extensions.POLL_READ:
-                select.select(descriptor, [], [], remaining)
-            else:  # POLL_WRITE
-                select.select([], descriptor, [], remaining)
+            waiting = select.poll()  # not select(): descriptors past 1024 are common under gthread workers
+            waiting.register(connection.fileno(), select.POLLIN if state == extensions.POLL_READ else select.POLLOUT)
+            waiting.poll(None if remaining is None else remaining * 1000)
 
     extensions.set_wait_callback(wait)
 
@@ -321,10 +319,10 @@ def check_production_settings(config: Mapping) -> None:
             f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r} is below the OWASP minimums: use "
             f"{DEFAULT_PASSWORD_HASH_METHOD} (the default) or scrypt:131072:8:1."
         )
-    if config["METRICS_ENABLED"] and not config.get("METRICS_TOKEN"):
+    if config["METRICS_ENABLED"] and len((config.get("METRICS_TOKEN") or "").encode()) < MIN_SECRET_BYTES:
         raise ConfigError(
-            "METRICS_TOKEN must be set in production while METRICS_ENABLED is on, so that only your Prometheus "
-            "reads /metrics (or set METRICS_ENABLED=false)."
+            f"METRICS_TOKEN must be set in production while METRICS_ENABLED is on, at least {MIN_SECRET_BYTES} "
+            "bytes, so that only your Prometheus reads /metrics (or set METRICS_ENABLED=false)."
         )
     if config["RATELIMIT_ENABLED"] and not config.get("RATELIMIT_STORAGE_URI"):
         raise ConfigError(

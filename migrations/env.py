@@ -53,10 +53,11 @@ def run_migrations_online():
         )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
+                # Building an index on a big table takes longer than any request may (DB_STATEMENT_TIMEOUT), and
+                # so may waiting below for another instance's migration: neither is bound by the statement timeout.
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
                 # Several instances may start `flask db upgrade` together; the others wait, then find nothing to do.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-                # Building an index on a big table takes longer than any request may (DB_STATEMENT_TIMEOUT).
-                connection.execute(text("SET LOCAL statement_timeout = 0"))
             context.run_migrations()
 
 

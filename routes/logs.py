@@ -12,7 +12,7 @@ from flask_jwt_extended import get_jwt_identity
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-TEXT_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(name)s] [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(levelname)s %(name)s %(message)s"
 JSON_RENAMES = {"levelname": "level", "name": "logger"}
 HANDLER_NAME = "finstack"
@@ -47,7 +47,7 @@ class MaskedJsonFormatter(JsonFormatter):
 def formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         return MaskedJsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMES, timestamp="time")  # ISO 8601, UTC
-    return MaskedTextFormatter(TEXT_FORMAT)
+    return MaskedTextFormatter(TEXT_FORMAT, defaults={"request_id": "-"})  # "-": said outside any request
 
 
 def stamp_request_ids() -> None:
@@ -108,19 +108,21 @@ def register_request_logging(app: Flask) -> None:
             return response
         response.headers["X-Request-ID"] = g.request_id
         duration_ms = round((time.perf_counter() - g.request_started) * 1000, 2)
+        user_id = caller_id()
         request_log.log(
             logging.WARNING if response.status_code >= 500 else logging.INFO,
-            "%s %s %s %.2f ms",
+            "%s %s %s %.2f ms user %s",
             request.method,
             request.path,
             response.status_code,
             duration_ms,
+            user_id or "-",
             extra={
                 "method": request.method,
                 "path": request.path,  # the query string stays out: cursors and filters are not for logs
                 "status": response.status_code,
                 "duration_ms": duration_ms,
-                "user_id": caller_id(),
+                "user_id": user_id,
                 "remote_addr": request.remote_addr,
             },
         )

@@ -16,6 +16,9 @@ from models import db
 from routes.errors import APIError
 
 bp = Blueprint("metrics", __name__)
+COUNTED = "finstack_counted_in_use"
+# Methods a label may name. gunicorn passes on any token as a method, and each new one would add series for good.
+KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 def endpoint(req: Request) -> str:
@@ -30,8 +33,15 @@ def init_metrics(app: Flask) -> None:
     registry = CollectorRegistry()  # one per app: tests build many apps in one process
     exporter = PrometheusMetrics(app, path=None, registry=registry, group_by=endpoint, excluded_paths=["^/metrics$"])
     app.extensions["metrics"] = exporter
+    app.before_request(skip_unknown_methods)
     watch_pool(app, registry)
     app.register_blueprint(bp)
+
+
+def skip_unknown_methods() -> None:
+    """Requests with a made-up method (answered 405) are not counted: labels stay a bounded set."""
+    if request.method not in KNOWN_METHODS:
+        request.prom_do_not_track = True
 
 
 def watch_pool(app: Flask, registry: CollectorRegistry) -> None:
@@ -53,13 +63,17 @@ def watch_pool(app: Flask, registry: CollectorRegistry) -> None:
         engine = db.engine
 
     @event.listens_for(engine, "checkout")
-    def checked_out(_dbapi_connection, _record, _proxy):
+    def checked_out(_dbapi_connection, record, _proxy):
+        record.record_info[COUNTED] = True
         in_use.inc()
-        size.set(engine.pool.size())
+        size.set(getattr(engine.pool, "size", lambda: 1)())  # in-memory SQLite's StaticPool has one, unsized
 
     @event.listens_for(engine, "checkin")
-    def checked_in(_dbapi_connection, _record):
-        in_use.dec()
+    def checked_in(_dbapi_connection, record):
+        # Also called for connections that failed on their way out (a pre-ping or a reconnect while the database
+        # is away), which were never counted.
+        if record.record_info.pop(COUNTED, False):
+            in_use.dec()
 
 
 @bp.get("/metrics")

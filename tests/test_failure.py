@@ -29,9 +29,12 @@ import sqlalchemy as sa
 from tcp_proxy import TcpProxy
 from test_task_counts import kept_and_recounted
 
+from app import create_app
 from config import normalise_database_url
-from helpers import GUNICORN, POSTGRES_URL, PRODUCTION, ROOT, WORKERS
-from models import TASK_STATUSES, Task
+from helpers import GUNICORN, POSTGRES_URL, PRODUCTION, ROOT, WORKERS, settings
+from models import TASK_STATUSES, Task, db
+
+MIGRATION_LOCK_KEY = 7_206_310_001  # migrations/env.py's
 
 # The app's database timeouts in these tests, and what they promise. Before it answers 503, a request meets at
 # most one wait for an answer that never comes (a statement: the statement timeout; a dead line: config.py's
@@ -612,3 +615,40 @@ def test_sigterm_lets_the_request_in_flight_finish_refuses_new_connections_and_e
     assert "Traceback" not in server.log.read_text()
     assert not finished_early
     assert new_connection == "refused", f"a new connection after SIGTERM was {new_connection}, not refused"
+
+
+def test_the_pool_gauge_stays_true_through_an_outage(proxy, fresh_database_url, tmp_path):
+    through_proxy = sa.make_url(fresh_database_url).set(port=proxy.port).render_as_string(hide_password=False)
+    app = create_app(settings(through_proxy, tmp_path))
+    client = app.test_client()
+    assert client.get("/api/health").status_code == 200
+
+    proxy.cut()
+    # Each fails on its way out of the pool: the pooled connection's pre-ping, then the reconnect.
+    assert [client.get("/api/health").status_code for _ in range(3)] == [503] * 3
+    proxy.restore()
+    assert client.get("/api/health").status_code == 200
+
+    page = client.get("/metrics").get_data(as_text=True)
+    assert "finstack_db_pool_connections_in_use 0.0" in page.splitlines(), page
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_migration_waits_for_another_instances_past_the_statement_timeout(fresh_database_url, tmp_path):
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DATABASE_URL": fresh_database_url,
+                   "INSTANCE_PATH": str(tmp_path / "instance"), "FLASK_SKIP_DOTENV": "1",
+                   "DB_STATEMENT_TIMEOUT": "500"}  # fmt: skip
+    other_instance = sa.create_engine(normalise_database_url(fresh_database_url))
+    with other_instance.connect() as connection:
+        connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        upgrade = subprocess.Popen(
+            [sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=environment, stderr=subprocess.PIPE
+        )
+        time.sleep(3)  # six statement timeouts: it must still be waiting, not cancelled
+        assert upgrade.poll() is None, upgrade.stderr.read().decode()
+        connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        _, errors = upgrade.communicate(timeout=120)
+    other_instance.dispose()
+
+    assert upgrade.returncode == 0, errors.decode()

@@ -103,6 +103,18 @@ def test_tokens_passwords_and_hashes_are_masked_in_every_format(message):
         assert MASK in text
 
 
+def test_text_lines_carry_the_request_id_and_the_user(client, auth_headers, user, caplog):
+    with caplog.at_level(logging.INFO, logger="finstack.request"):
+        client.get("/api/tasks", headers=auth_headers | {"X-Request-ID": "text-9"})
+        client.get("/api/health", headers={"X-Request-ID": "text-10"})
+
+    signed_in, anonymous = (formatter("text").format(line) for line in request_lines(caplog))
+    assert "[text-9] GET /api/tasks 200" in signed_in and signed_in.endswith(f"ms user {user['id']}")
+    assert "[text-10] GET /api/health 200" in anonymous and anonymous.endswith("ms user -")
+    outside = logging.LogRecord("finstack", logging.INFO, __file__, 1, "starting", (), None)
+    assert "[-] starting" in formatter("text").format(outside)  # said outside any request
+
+
 def test_masking_keeps_what_is_not_secret():
     assert masked("GET /api/tasks 200 3.1 ms user 1f0c") == "GET /api/tasks 200 3.1 ms user 1f0c"
 

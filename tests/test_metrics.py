@@ -49,6 +49,23 @@ def test_requests_are_counted_and_timed_by_endpoint_and_status(client, auth_head
     assert request_count(page, "metrics.metrics", "200") == 0  # scrapes are not counted
 
 
+def test_made_up_methods_are_answered_but_not_counted(client):
+    for method in ("FROBNICATE", "BREW", "GET"):
+        client.open("/api/health", method=method)
+
+    page = scrape(client)
+
+    assert {dict(labels).get("method") for _, labels in page} - {None} == {"GET"}
+    assert request_count(page, "health.health", "200") == 1
+
+
+def test_metrics_work_on_an_in_memory_database(tmp_path):
+    app = create_app(settings("sqlite://", tmp_path))  # one connection, in a pool with no size
+
+    assert app.test_client().get("/api/health").status_code == 200
+    assert scrape(app.test_client())[("finstack_db_pool_size", ())] == 1
+
+
 def test_pool_connections_in_use_are_reported(fresh_database_url, tmp_path):
     app = create_app(settings(fresh_database_url, tmp_path))  # its own pool, not the suite's shared connection
     client = app.test_client()
@@ -84,7 +101,10 @@ def test_production_refuses_open_metrics():
     config = Config({"APP_ENV": "production"})
     with pytest.raises(ConfigError, match="METRICS_TOKEN must be set in production"):
         check_production_settings(vars(config) | {"RATELIMIT_STORAGE_URI": "redis://x"})
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        check_production_settings(vars(config) | {"METRICS_TOKEN": "guessable", "RATELIMIT_STORAGE_URI": "redis://x"})
     check_production_settings(vars(config) | {"METRICS_ENABLED": False, "RATELIMIT_STORAGE_URI": "redis://x"})
+    check_production_settings(vars(config) | {"METRICS_TOKEN": "m" * 32, "RATELIMIT_STORAGE_URI": "redis://x"})
 
 
 def test_two_apps_in_one_process_keep_their_own_figures(tmp_path):
