@@ -775,6 +775,15 @@ def write_reports(args, results: dict) -> None:
         report.update_readme(ROOT / "README.md", report.readme_section(results))
 
 
+def clean_up(args, database: Database, app: App) -> None:
+    """What a run leaves behind: nothing, unless --keep-db kept the database for a look."""
+    if args.keep_db:
+        log(f"Kept database {database.name} (drop it with: dropdb -h 127.0.0.1 -U postgres {database.name})")
+    else:
+        database.drop()
+    app.cleanup()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_only:
@@ -822,11 +831,7 @@ def main(argv=None) -> int:
             return 1 if args.strict else 0
         return 0
     finally:
-        if args.keep_db:
-            log(f"Kept database {database.name} (drop it with: dropdb -h 127.0.0.1 -U postgres {database.name})")
-        else:
-            database.drop()
-        app.cleanup()
+        clean_up(args, database, app)
 
 
 if __name__ == "__main__":

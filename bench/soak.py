@@ -860,11 +860,7 @@ def main(argv=None) -> int:
             return 1
         return 0
     finally:
-        if args.keep_db:
-            log(f"Kept database {database.name} (drop it with: dropdb -h 127.0.0.1 -U postgres {database.name})")
-        else:
-            database.drop()
-        app.cleanup()
+        run.clean_up(args, database, app)
 
 
 if __name__ == "__main__":
