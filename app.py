@@ -12,10 +12,18 @@ from flask_migrate import Migrate
 from flask_talisman import Talisman
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from commands import create_admin_command, openapi_command, prepare_database, purge_tokens_command, seed_demo_command
+from commands import (
+    create_admin_command,
+    openapi_command,
+    prepare_database,
+    purge_deleted_command,
+    purge_idempotency_keys_command,
+    purge_tokens_command,
+    seed_demo_command,
+)
 from config import Config, check_production_settings, parse_flag, resolve_secrets
 from models import db
-from routes import analytics, auth, docs, health, refuse_other_content_types, tasks, users
+from routes import analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
 from routes.logs import configure_logging, register_request_logging
@@ -51,9 +59,12 @@ def create_app(config: Mapping | None = None) -> Flask:
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "If-Match", "Idempotency-Key"],
         expose_headers=[
             "X-Request-ID",
+            "ETag",
+            "Idempotent-Replayed",
+            "Content-Disposition",
             "Retry-After",
             "X-RateLimit-Limit",
             "X-RateLimit-Remaining",
@@ -70,7 +81,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         referrer_policy="no-referrer",
     )
 
-    for module in (auth, users, tasks, analytics, health, docs):
+    for module in (auth, users, tasks, export, analytics, health, docs):
         app.register_blueprint(module.bp)
     app.register_blueprint(docs.swagger_ui_blueprint())
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])
@@ -79,6 +90,8 @@ def create_app(config: Mapping | None = None) -> Flask:
     init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
     app.cli.add_command(purge_tokens_command)
+    app.cli.add_command(purge_idempotency_keys_command)
+    app.cli.add_command(purge_deleted_command)
     app.cli.add_command(openapi_command)
     app.cli.add_command(seed_demo_command)
     return app

@@ -22,7 +22,7 @@ from sqlalchemy import delete, func, insert, inspect, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config import DEFAULT_ADMIN_PASSWORD, ConfigError, startup_lock
-from models import LoginSession, RevokedToken, Task, User, db, utcnow
+from models import IdempotencyKey, LoginSession, RevokedToken, Task, TaskEvent, User, db, utcnow
 from routes.auth import create_user, duplicate_user
 from routes.docs import openapi_document
 from routes.errors import describe_validation, is_transient
@@ -74,6 +74,76 @@ def purge_tokens_command() -> None:
     sessions = db.session.execute(delete(LoginSession).where(LoginSession.expires_at <= now)).rowcount
     db.session.commit()
     click.echo(f"Purged {revoked} expired blocklist entries and {sessions} expired login sessions.")
+
+
+@click.command("purge-idempotency-keys")
+@with_appcontext
+def purge_idempotency_keys_command() -> None:
+    """Delete Idempotency-Key records older than their 24 hours (safe to run at any time)."""
+    purged = db.session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= utcnow())).rowcount
+    db.session.commit()
+    click.echo(f"Purged {purged} expired idempotency keys.")
+
+
+class Age(click.ParamType):
+    """A duration such as 90d, 12w or 36h."""
+
+    name = "age"
+    units = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, timedelta):
+            return value
+        number, unit = value[:-1], value[-1:].lower()
+        if unit not in self.units or not (number.isascii() and number.isdigit()):
+            self.fail(f"{value!r} is not an age such as 90d, 12w or 36h.", param, ctx)
+        try:
+            return int(number) * self.units[unit]
+        except OverflowError:
+            self.fail(f"{value!r} is too long ago.", param, ctx)
+
+
+PURGE_BATCH_SIZE = 1000  # tasks per transaction: locks stay short however many there are
+
+
+@click.command("purge-deleted")
+@click.option(
+    "--older-than",
+    "age",
+    type=Age(),
+    default="90d",
+    show_default=True,
+    help="Remove tasks deleted at least this long ago (h, d or w).",
+)
+@click.option("--dry-run", is_flag=True, help="Only say how many tasks would be removed.")
+@with_appcontext
+def purge_deleted_command(age: timedelta, dry_run: bool) -> None:
+    """Remove for good the tasks deleted long enough ago; their history stays, ending in a "purged" event."""
+    try:
+        cutoff = utcnow() - age
+    except OverflowError:
+        raise click.BadParameter("Too long ago.", param_hint="--older-than") from None
+    due = Task.deleted_at.is_not(None) & (Task.deleted_at <= cutoff)
+    if dry_run:
+        count = db.session.scalar(select(func.count()).select_from(Task).where(due))
+        click.echo(f"{count} task(s) deleted before {cutoff.isoformat()} would be purged.")
+        return
+    purged = 0
+    while True:
+        # Locked, so that a restore running meanwhile either waits for this batch or wins (and is skipped here).
+        batch = db.session.scalars(
+            select(Task.id).where(due).order_by(Task.deleted_at, Task.id).limit(PURGE_BATCH_SIZE).with_for_update()
+        ).all()
+        if not batch:
+            break
+        now = utcnow()
+        db.session.execute(
+            insert(TaskEvent), [{"task_id": task_id, "occurred_at": now, "action": "purged"} for task_id in batch]
+        )
+        db.session.execute(delete(Task).where(Task.id.in_(batch)).execution_options(synchronize_session=False))
+        db.session.commit()
+        purged += len(batch)
+    click.echo(f"Purged {purged} task(s) deleted before {cutoff.isoformat()}.")
 
 
 @click.command("openapi")
@@ -155,7 +225,7 @@ NOTE_SHARE = 0.4
 UNASSIGNED_SHARE = 0.03
 TASK_COLUMNS = (
     "id", "date_created", "entity_name", "task_type", "task_time", "contact_person_id", "note", "status",
-    "created_by_id", "updated_at",
+    "created_by_id", "updated_at", "closed_at", "closed_by_id",
 )  # fmt: skip
 # How many days after (or before, for calls logged afterwards) its creation a task is due.
 LEAD_DAYS = {-3: 2, -2: 3, -1: 5, 0: 20, 1: 15, 2: 10, 3: 8, 5: 7, 7: 8, 10: 5, 14: 6, 21: 4, 30: 4, 45: 2, 60: 1}
@@ -343,11 +413,13 @@ def demo_task_batches(
             when = max(created // DAY + lead, 0) * DAY + due
             age = now_s - when
             closed = random_() < (0.7 if age > month else 0.45 if age > 0 else 0.05)
-            if closed:  # last touched when done, or a little later
+            if closed:  # closed when done (by the assignee, else the creator), last touched then or a little later
                 done = max(created, min(when, now_s))
                 updated = done + int(random_() * min(3 * DAY, now_s - done))
+                closed_at, closed_by = stamp(done), contact or creator
             else:  # edited just after being logged, at most
                 updated = created + int(random_() * min(2 * 3600, now_s - created))
+                closed_at = closed_by = None
             rows.append(
                 (
                     task_id,
@@ -360,6 +432,8 @@ def demo_task_batches(
                     "closed" if closed else "open",
                     creator,
                     stamp(updated),
+                    closed_at,
+                    closed_by,
                 )
             )
         yield rows

@@ -98,7 +98,11 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """A worker that finds the listening socket shut down (below) is being stopped: it leaves its loop quietly
-    (accept() says EINVAL) instead of with a traceback."""
+    (accept() says EINVAL) instead of with a traceback. A long response that makes progress keeps the worker's
+    heartbeat going (routes.still_working), so that only a worker that is really stuck is killed after timeout."""
+    import routes
+
+    routes.heartbeat = worker.notify
     accept = worker.accept
 
     def accept_until_shut_down(*args):

@@ -3,11 +3,14 @@
 import sqlite3
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
     DDL,
+    JSON,
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
@@ -22,9 +25,10 @@ from sqlalchemy import (
     event,
     false,
     func,
+    text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, registry, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, registry, relationship
 from sqlalchemy.types import TypeDecorator
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -154,21 +158,61 @@ class Task(db.Model):
     status: Mapped[str] = mapped_column(String(10), default="open")
     created_by_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="SET NULL"), index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Counts every change: the ETag that If-Match compares. The ORM adds one at each UPDATE it sends (and checks the
+    # old value in its WHERE); statements that write tasks themselves (the bulk update) add it too.
+    version: Mapped[int] = mapped_column(server_default=text("1"))
+    # Set when the task is closed, cleared when it is opened again (the check below holds them to the status).
+    closed_at: Mapped[datetime | None] = mapped_column()
+    closed_by_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="SET NULL"))
+    # Soft delete: hidden from every list, count and figure until restored or purged (flask purge-deleted).
+    deleted_at: Mapped[datetime | None] = mapped_column()
 
     # A task is always shown with its people: load them in the same statement, never one by one.
     contact_person: Mapped[User | None] = relationship(foreign_keys=[contact_person_id], lazy="joined")
     created_by: Mapped[User | None] = relationship(foreign_keys=[created_by_id], lazy="joined")
+    closed_by: Mapped[User | None] = relationship(foreign_keys=[closed_by_id], lazy="joined")
 
+    __mapper_args__ = {"version_id_col": version}
     __table_args__ = (
         CheckConstraint("status IN ('open', 'closed')", name="status"),
+        CheckConstraint("(status = 'closed') = (closed_at IS NOT NULL)", name="closed_at"),
         # One index per sort the list offers, ending in id like the ORDER BY, so a page (and a keyset cursor)
         # is read from the index in order, however deep; the filters used most keep the default sort.
-        Index("ix_tasks_date_created_id", "date_created", "id"),
+        # The default sort's index holds the live tasks only: the list never reads past deleted ones, and the
+        # dashboard counts tasks created per week from the index alone.
+        Index(
+            "ix_tasks_date_created_id",
+            "date_created",
+            "id",
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        ),
         Index("ix_tasks_task_time_id", "task_time", "id"),
         Index("ix_tasks_updated_at_id", "updated_at", "id"),
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_status_date_created_id", "status", "date_created", "id"),
         Index("ix_tasks_contact_person_id_date_created_id", "contact_person_id", "date_created", "id"),
+        # The dashboard's schedule (overdue, due today, due this week) reads the open tasks by due time...
+        Index(
+            "ix_tasks_open_task_time",
+            "task_time",
+            postgresql_where=text("status = 'open' AND deleted_at IS NULL"),
+            sqlite_where=text("status = 'open' AND deleted_at IS NULL"),
+        ),
+        # ...and its closing figures the closed ones by closing time, with their creation for the time to close.
+        Index(
+            "ix_tasks_closed_at_date_created",
+            "closed_at",
+            "date_created",
+            postgresql_where=text("closed_at IS NOT NULL AND deleted_at IS NULL"),
+            sqlite_where=text("closed_at IS NOT NULL AND deleted_at IS NULL"),
+        ),
+        Index(
+            "ix_tasks_deleted_at",
+            "deleted_at",
+            postgresql_where=text("deleted_at IS NOT NULL"),
+            sqlite_where=text("deleted_at IS NOT NULL"),
+        ),
         # Text sorts ignore case (lower(col), col, id). On SQLite lower() is the app's own function, which
         # another client of the file would not have: expression indexes are PostgreSQL's only.
         postgresql_only(Index("ix_tasks_entity_name_sort", func.lower(entity_name), entity_name, id)),
@@ -196,8 +240,9 @@ class Task(db.Model):
         return f"<Task {self.id} {self.entity_name!r} {self.status}>"
 
 
-# How many tasks there are per (status, task type, assignee): kept exact by triggers in the same transaction as
-# every write to tasks, so totals and the dashboard never scan the tasks. A few hundred rows, however many tasks.
+# How many live (not deleted) tasks there are per (status, task type, assignee): kept exact by triggers in the same
+# transaction as every write to tasks, so totals and the dashboard never scan the tasks. A few hundred rows, however
+# many tasks.
 task_counts = Table(
     "task_counts",
     db.metadata,
@@ -222,21 +267,22 @@ TASK_COUNTS_POSTGRESQL = (
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
-        SELECT status, task_type, contact_person_id, count(*) FROM new_rows
+        SELECT status, task_type, contact_person_id, count(*) FROM new_rows WHERE deleted_at IS NULL
         GROUP BY status, task_type, contact_person_id ORDER BY status, task_type, contact_person_id
         ON CONFLICT (status, task_type, contact_person_id) DO UPDATE SET n = counts.n + excluded.n;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
-        SELECT status, task_type, contact_person_id, -count(*) FROM old_rows
+        SELECT status, task_type, contact_person_id, -count(*) FROM old_rows WHERE deleted_at IS NULL
         GROUP BY status, task_type, contact_person_id ORDER BY status, task_type, contact_person_id
         ON CONFLICT (status, task_type, contact_person_id) DO UPDATE SET n = counts.n + excluded.n;
     ELSIF TG_OP = 'UPDATE' THEN
-        -- Only rows whose status, type or assignee changed move between counters; a note edit writes nothing.
+        -- Only rows whose status, type, assignee or deletion changed move between counters; a note edit writes
+        -- nothing. A soft delete takes the task out of its counter, a restore puts it back.
         INSERT INTO task_counts AS counts (status, task_type, contact_person_id, n)
         SELECT status, task_type, contact_person_id, sum(delta) FROM (
-            SELECT status, task_type, contact_person_id, 1 AS delta FROM new_rows
+            SELECT status, task_type, contact_person_id, 1 AS delta FROM new_rows WHERE deleted_at IS NULL
             UNION ALL
-            SELECT status, task_type, contact_person_id, -1 FROM old_rows
+            SELECT status, task_type, contact_person_id, -1 FROM old_rows WHERE deleted_at IS NULL
         ) AS changes
         GROUP BY status, task_type, contact_person_id HAVING sum(delta) <> 0
         ORDER BY status, task_type, contact_person_id
@@ -258,22 +304,26 @@ $$""",
 )
 
 # SQLite has row triggers only; it has one writer at a time, so "add the row if missing, then count" is safe.
+# Deleted tasks are not counted: each trigger acts only where the row it takes out or puts in is live.
 _SQLITE_ADD = """
     INSERT INTO task_counts (status, task_type, contact_person_id, n)
-    SELECT NEW.status, NEW.task_type, NEW.contact_person_id, 0 WHERE NOT EXISTS (
+    SELECT NEW.status, NEW.task_type, NEW.contact_person_id, 0 WHERE NEW.deleted_at IS NULL AND NOT EXISTS (
         SELECT 1 FROM task_counts
         WHERE status = NEW.status AND task_type = NEW.task_type AND contact_person_id IS NEW.contact_person_id
     );
     UPDATE task_counts SET n = n + 1
-    WHERE status = NEW.status AND task_type = NEW.task_type AND contact_person_id IS NEW.contact_person_id;"""
+    WHERE NEW.deleted_at IS NULL
+        AND status = NEW.status AND task_type = NEW.task_type AND contact_person_id IS NEW.contact_person_id;"""
 _SQLITE_REMOVE = """
     UPDATE task_counts SET n = n - 1
-    WHERE status = OLD.status AND task_type = OLD.task_type AND contact_person_id IS OLD.contact_person_id;"""
+    WHERE OLD.deleted_at IS NULL
+        AND status = OLD.status AND task_type = OLD.task_type AND contact_person_id IS OLD.contact_person_id;"""
 TASK_COUNTS_SQLITE = (
     f"CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN{_SQLITE_ADD}\nEND",
-    f"""CREATE TRIGGER task_counts_update AFTER UPDATE OF status, task_type, contact_person_id ON tasks
+    f"""CREATE TRIGGER task_counts_update AFTER UPDATE OF status, task_type, contact_person_id, deleted_at ON tasks
     WHEN OLD.status IS NOT NEW.status OR OLD.task_type IS NOT NEW.task_type
         OR OLD.contact_person_id IS NOT NEW.contact_person_id
+        OR (OLD.deleted_at IS NULL) IS NOT (NEW.deleted_at IS NULL)
     BEGIN{_SQLITE_REMOVE}{_SQLITE_ADD}\nEND""",
     f"CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN{_SQLITE_REMOVE}\nEND",
 )
@@ -317,3 +367,84 @@ class RevokedToken(db.Model):
 
     def __repr__(self) -> str:
         return f"<RevokedToken {self.jti}>"
+
+
+TASK_EVENT_ACTIONS = ("created", "updated", "status_changed", "bulk_status_changed", "deleted", "restored", "purged")
+
+
+class TaskEvent(db.Model):
+    """The audit trail: one row per change to a task, written in the transaction of the change, never altered.
+
+    An update writes one row per field it changed, with the old and the new value as JSON. No foreign keys: the
+    trail outlives a purged task and a deleted user (``actor_id`` stays, ``actor`` becomes null)."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_id: Mapped[uuid.UUID] = mapped_column()
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor_id: Mapped[uuid.UUID | None] = mapped_column()
+    action: Mapped[str] = mapped_column(String(20))
+    field: Mapped[str | None] = mapped_column(String(50))
+    old_value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    new_value: Mapped[Any] = mapped_column(JSON, nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+
+    actor: Mapped[User | None] = relationship(
+        primaryjoin=lambda: foreign(TaskEvent.actor_id) == User.id, lazy="joined", viewonly=True
+    )
+
+    __table_args__ = (
+        CheckConstraint(f"action IN {TASK_EVENT_ACTIONS}", name="action"),
+        Index("ix_task_events_task_id_id", "task_id", "id"),  # a task's history, in order
+    )
+
+    def __repr__(self) -> str:
+        return f"<TaskEvent {self.id} {self.action} {self.field or ''} of {self.task_id}>"
+
+
+# The trail is append-only in the database too, not only in the API: an UPDATE or DELETE of an event fails.
+TASK_EVENTS_APPEND_ONLY_POSTGRESQL = (
+    """CREATE OR REPLACE FUNCTION task_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING MESSAGE = 'task_events is append-only: ' || TG_OP || ' is not allowed';
+END
+$$""",
+    """CREATE TRIGGER task_events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON task_events
+    FOR EACH STATEMENT EXECUTE FUNCTION task_events_append_only()""",
+)
+TASK_EVENTS_APPEND_ONLY_SQLITE = (
+    """CREATE TRIGGER task_events_no_update BEFORE UPDATE ON task_events
+    BEGIN SELECT RAISE(ABORT, 'task_events is append-only: UPDATE is not allowed'); END""",
+    """CREATE TRIGGER task_events_no_delete BEFORE DELETE ON task_events
+    BEGIN SELECT RAISE(ABORT, 'task_events is append-only: DELETE is not allowed'); END""",
+)
+for _statement in TASK_EVENTS_APPEND_ONLY_POSTGRESQL:
+    event.listen(TaskEvent.__table__, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
+for _statement in TASK_EVENTS_APPEND_ONLY_SQLITE:
+    event.listen(TaskEvent.__table__, "after_create", DDL(_statement).execute_if(dialect="sqlite"))
+event.listen(
+    db.metadata,
+    "after_drop",
+    DDL("DROP FUNCTION IF EXISTS task_events_append_only()").execute_if(dialect="postgresql"),
+)
+
+
+class IdempotencyKey(db.Model):
+    """An ``Idempotency-Key`` a user sent with a write, and the response its first success got, for 24 hours.
+
+    The row is inserted before the write and holds its response when the write commits, in the same
+    transaction: a retry finds either nothing (the first attempt failed, so the retry runs) or the response."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("app_users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))  # the method, path and JSON body it was first sent with
+    status_code: Mapped[int | None] = mapped_column()
+    response: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+    def __repr__(self) -> str:
+        return f"<IdempotencyKey {self.key!r} of {self.user_id}>"

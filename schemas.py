@@ -7,14 +7,20 @@ from datetime import UTC, date, datetime, time, timedelta
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
-from models import TASK_STATUSES
+from models import TASK_EVENT_ACTIONS, TASK_STATUSES
 
 SORTABLE_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
 MAX_PER_PAGE = 100
 MAX_PAGE = 10**9  # keeps OFFSET inside a 64-bit integer on PostgreSQL
 MAX_BULK_IDS = 1000
+DEFAULT_FACET_LIMIT = 100
+MAX_FACET_LIMIT = 1000
 # Output-only task fields a client may echo back (the "duplicate" button does); they are dropped, never written.
-READ_ONLY_TASK_FIELDS = ("id", "date_created", "updated_at", "created_by", "contact_person")
+READ_ONLY_TASK_FIELDS = (
+    "id", "date_created", "updated_at", "created_by", "contact_person", "version", "closed_at", "closed_by",
+    "deleted_at",
+)  # fmt: skip
+MAX_HISTORY_PER_PAGE = 100
 
 
 class Text(fields.String):
@@ -235,12 +241,12 @@ class UserAdminSchema(Schema):
     is_admin = JSONBoolean()
 
 
-# Inside ``dump_tasks``: the people of the page being dumped so far, by id.
+# Inside ``dump_page``: the people of the page being dumped so far, by id.
 PEOPLE_ON_PAGE: ContextVar[dict | None] = ContextVar("people_on_page", default=None)
 
 
 class Person(fields.Nested):
-    """A user inside a task. While ``dump_tasks`` dumps a page, each person is dumped once, however many of the
+    """A user inside a task. While ``dump_page`` dumps a page, each person is dumped once, however many of the
     page's tasks name them (a page of 20 tasks names about a dozen people, twice each)."""
 
     def __init__(self, **kwargs):
@@ -269,6 +275,16 @@ class TaskSchema(Schema):
     status = Text(validate=OneOf(TASK_STATUSES), metadata={"description": "Defaults to open."})
     created_by = Person(dump_only=True, required=True, allow_none=True)
     updated_at = Timestamp(dump_only=True, required=True)
+    version = fields.Integer(
+        dump_only=True,
+        required=True,
+        metadata={"description": "Grows with every change; sent as the ETag, compared with If-Match."},
+    )
+    closed_at = Timestamp(dump_only=True, required=True, allow_none=True, metadata={"description": "Null while open."})
+    closed_by = Person(dump_only=True, required=True, allow_none=True)
+    deleted_at = Timestamp(
+        dump_only=True, required=True, allow_none=True, metadata={"description": "Set on deleted tasks only."}
+    )
 
     @pre_load
     def drop_read_only_fields(self, data, **kwargs):
@@ -293,8 +309,9 @@ class BulkStatusSchema(Schema):
     status = Text(required=True, validate=OneOf(TASK_STATUSES), metadata={"example": "open"})
 
 
-class TaskQuerySchema(Schema):
-    """The task list's query string; every parameter is checked, none is silently ignored."""
+class TaskFilterSchema(Schema):
+    """The task list's filters, shared by the list, the dashboard, the export and the facets; every parameter is
+    checked, none is silently ignored."""
 
     status = Text(validate=OneOf(TASK_STATUSES))
     task_type = Text(
@@ -308,25 +325,10 @@ class TaskQuerySchema(Schema):
         metadata={"description": "Created at or after this date or timestamp.", "example": "2024-01-01"}
     )
     date_to = DateOrDateTime(metadata={"description": "Created on or before this date (the whole day) or timestamp."})
-    page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
-    per_page = QueryInteger(
-        load_default=20, validate=Range(min=1), metadata={"description": f"Values above {MAX_PER_PAGE} are capped."}
-    )
-    sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
-    sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
-    cursor = Text(
-        validate=Length(min=1, max=4096),  # a long non-ASCII sort value and every filter fit
-        metadata={
-            "description": "pagination.next_cursor of the previous page: the next page by keyset, as fast at any "
-            "depth. It carries the filters and sort (repeating them is allowed, changing them is a 400); not with "
-            "page."
-        },
-    )
 
     @post_load
     def to_bounds(self, data, **kwargs):
-        """Cap ``per_page``; turn the dates into ``created_from`` (inclusive) and ``created_before`` (exclusive)."""
-        data["per_page"] = min(data["per_page"], MAX_PER_PAGE)
+        """Turn the dates into ``created_from`` (inclusive) and ``created_before`` (exclusive)."""
         date_from, date_to = data.pop("date_from", None), data.pop("date_to", None)
         if date_from is not None:
             data["created_from"] = as_timestamp(date_from)
@@ -338,6 +340,73 @@ class TaskQuerySchema(Schema):
                 data["created_before"] = as_timestamp(date_to) + step
         if "created_from" in data and "created_before" in data and data["created_from"] >= data["created_before"]:
             raise ValidationError("Must not be later than date_to.", "date_from")
+        return data
+
+
+class TaskSortSchema(TaskFilterSchema):
+    """The filters and the order of the tasks (the CSV export's query string)."""
+
+    sort_by = Text(load_default="date_created", validate=OneOf(SORTABLE_FIELDS))
+    sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
+
+
+class TaskQuerySchema(TaskSortSchema):
+    """The task list's query string."""
+
+    page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
+    per_page = QueryInteger(
+        load_default=20, validate=Range(min=1), metadata={"description": f"Values above {MAX_PER_PAGE} are capped."}
+    )
+    cursor = Text(
+        validate=Length(min=1, max=4096),  # a long non-ASCII sort value and every filter fit
+        metadata={
+            "description": "pagination.next_cursor of the previous page: the next page by keyset, as fast at any "
+            "depth. It carries the filters and sort (repeating them is allowed, changing them is a 400); not with "
+            "page."
+        },
+    )
+    deleted = fields.Boolean(
+        metadata={
+            "description": "true: the deleted tasks instead (all of them for administrators, the ones you created "
+            "for anyone else), to find one to restore."
+        }
+    )
+
+    @post_load
+    def cap_per_page(self, data, **kwargs):
+        data["per_page"] = min(data["per_page"], MAX_PER_PAGE)
+        return data
+
+
+class FacetQuerySchema(TaskFilterSchema):
+    """The facets' query string: the task list's filters, and how many entity names to list."""
+
+    limit = QueryInteger(
+        load_default=DEFAULT_FACET_LIMIT,
+        validate=Range(min=1),
+        metadata={"description": f"How many entity names, most used first; values above {MAX_FACET_LIMIT} are capped."},
+    )
+
+    @post_load
+    def cap_limit(self, data, **kwargs):
+        data["limit"] = min(data["limit"], MAX_FACET_LIMIT)
+        return data
+
+
+class HistoryQuerySchema(Schema):
+    page = QueryInteger(load_default=1, validate=Range(min=1, max=MAX_PAGE))
+    per_page = QueryInteger(
+        load_default=50,
+        validate=Range(min=1),
+        metadata={"description": f"Values above {MAX_HISTORY_PER_PAGE} are capped."},
+    )
+    sort_order = Text(
+        load_default="asc", validate=OneOf(("asc", "desc")), metadata={"description": "asc: oldest first."}
+    )
+
+    @post_load
+    def cap_per_page(self, data, **kwargs):
+        data["per_page"] = min(data["per_page"], MAX_HISTORY_PER_PAGE)
         return data
 
 
@@ -403,6 +472,50 @@ class PaginationSchema(Schema):
     )
 
 
+class TaskEventSchema(Schema):
+    id = fields.Integer(dump_only=True, required=True)
+    task_id = fields.UUID(dump_only=True, required=True)
+    occurred_at = Timestamp(dump_only=True, required=True)
+    action = fields.String(dump_only=True, required=True, validate=OneOf(TASK_EVENT_ACTIONS))
+    field = fields.String(
+        dump_only=True,
+        required=True,
+        allow_none=True,
+        metadata={"description": "The field an update or status change changed; null for the other actions."},
+    )
+    old_value = fields.Raw(
+        dump_only=True, required=True, allow_none=True, metadata={"description": "As the API shows it."}
+    )
+    new_value = fields.Raw(
+        dump_only=True,
+        required=True,
+        allow_none=True,
+        metadata={"description": "As the API shows it; for created, the task's fields as created."},
+    )
+    actor_id = fields.UUID(dump_only=True, required=True, allow_none=True, metadata={"description": "Who did it."})
+    actor = Person(
+        dump_only=True, required=True, allow_none=True, metadata={"description": "Null if the account is gone."}
+    )
+    request_id = fields.String(
+        dump_only=True, required=True, allow_none=True, metadata={"description": "X-Request-ID of the change."}
+    )
+
+
+class HistoryPaginationSchema(Schema):
+    page = fields.Integer(required=True, metadata={"example": 1})
+    per_page = fields.Integer(required=True, metadata={"example": 50})
+    total = fields.Integer(required=True, metadata={"example": 1})
+    pages = fields.Integer(required=True, metadata={"example": 1})
+    has_next = fields.Boolean(required=True)
+    has_prev = fields.Boolean(required=True)
+
+
+class TaskHistorySchema(Schema):
+    task_id = fields.UUID(required=True)
+    events = fields.List(fields.Nested(TaskEventSchema), required=True)
+    pagination = fields.Nested(HistoryPaginationSchema, required=True)
+
+
 class TaskPageSchema(Schema):
     tasks = fields.List(fields.Nested(TaskSchema), required=True)
     pagination = fields.Nested(PaginationSchema, required=True)
@@ -430,9 +543,75 @@ class AssigneeCountSchema(Schema):
 
 
 class DashboardSchema(Schema):
+    """The dashboard: every figure for the tasks the filters select, as of one moment; all in UTC."""
+
+    as_of = Timestamp(required=True, metadata={"description": "The moment the figures are for."})
     summary = fields.Nested(SummarySchema, required=True)
     task_types = fields.List(fields.Nested(TaskTypeCountSchema), required=True)
     user_tasks = fields.List(fields.Nested(AssigneeCountSchema), required=True)
+    due = fields.Nested("DashboardDueSchema", required=True)
+    closed = fields.Nested("DashboardClosedSchema", required=True)
+    weekly = fields.List(
+        fields.Nested("DashboardWeekSchema"),
+        required=True,
+        metadata={"description": "The last 12 weeks, oldest first; the last is the current week, so far."},
+    )
+
+
+class DashboardDueSchema(Schema):
+    """Open tasks by due time (task_time), against as_of."""
+
+    overdue = fields.Integer(required=True, metadata={"description": "Due before as_of."})
+    today = fields.Integer(required=True, metadata={"description": "Due from as_of to the next UTC midnight."})
+    next_7_days = fields.Integer(
+        required=True, metadata={"description": "Due from as_of to 7 days later (today's included)."}
+    )
+
+
+class DashboardClosedSchema(Schema):
+    """Tasks closed lately, and how long they took."""
+
+    last_7_days = fields.Integer(required=True, metadata={"description": "Closed at or after as_of - 7 days."})
+    last_30_days = fields.Integer(required=True, metadata={"description": "Closed at or after as_of - 30 days."})
+    median_seconds_to_close = fields.Float(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "Median of closed_at - date_created over the tasks closed in the last 30 days, in "
+            "seconds; null if none was.",
+            "example": 93600.0,
+        },
+    )
+
+
+class DashboardWeekSchema(Schema):
+    """One week of the series, from Monday 00:00 UTC."""
+
+    week_start = fields.Date(required=True, metadata={"description": "The week's Monday (00:00 UTC)."})
+    created = fields.Integer(required=True, metadata={"description": "Tasks created in the week."})
+    closed = fields.Integer(required=True, metadata={"description": "Tasks closed in the week, and closed still."})
+
+
+class FacetValueSchema(Schema):
+    value = fields.String(required=True, metadata={"example": "Call"})
+    count = fields.Integer(required=True, metadata={"description": "Live tasks with this value among the selected."})
+
+
+class FacetAssigneeSchema(Schema):
+    user_id = fields.UUID(required=True, allow_none=True, metadata={"description": "Null for unassigned tasks."})
+    user = fields.String(required=True, metadata={"description": "Full name, or 'Unassigned'.", "example": "Jane Doe"})
+    count = fields.Integer(required=True)
+
+
+class FacetsSchema(Schema):
+    task_types = fields.List(fields.Nested(FacetValueSchema), required=True)
+    entity_names = fields.List(
+        fields.Nested(FacetValueSchema), required=True, metadata={"description": "The first `limit` of them."}
+    )
+    entity_names_total = fields.Integer(
+        required=True, metadata={"description": "How many distinct entity names the selected tasks have."}
+    )
+    assignees = fields.List(fields.Nested(FacetAssigneeSchema), required=True)
 
 
 class HealthSchema(Schema):
@@ -467,10 +646,10 @@ class ReadyUnavailableSchema(ErrorSchema):
     migration = fields.Nested(MigrationStateSchema)
 
 
-def dump_tasks(schema: TaskSchema, tasks) -> list[dict]:
-    """A page of tasks, each person on it dumped once (``Person``)."""
+def dump_page(schema: Schema, rows) -> list[dict]:
+    """A page of tasks (or events), each person on it dumped once (``Person``)."""
     token = PEOPLE_ON_PAGE.set({})
     try:
-        return schema.dump(tasks, many=True)
+        return schema.dump(rows, many=True)
     finally:
         PEOPLE_ON_PAGE.reset(token)

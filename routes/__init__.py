@@ -48,6 +48,17 @@ def refuse_other_content_types() -> None:
         )
 
 
+# gunicorn.conf.py puts the worker's heartbeat here. A sync worker that sends nothing back to gunicorn for its
+# ``timeout`` is killed as stuck; a long response that is making progress (the CSV export) says so at each step.
+heartbeat = None
+
+
+def still_working() -> None:
+    """Tell the server this request is making progress (nothing to do outside gunicorn)."""
+    if heartbeat is not None:
+        heartbeat()
+
+
 def require_login() -> None:
     """``before_request`` guard for blueprints where every endpoint needs a valid access token."""
     verify_jwt_in_request()  # lets CORS preflights (OPTIONS) through by itself

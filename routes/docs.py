@@ -47,7 +47,9 @@ ERRORS = {
     403: ("Forbidden", "Authenticated, but not allowed to do this."),
     404: ("NotFound", "No such resource."),
     409: ("Conflict", "Conflicts with existing data (a duplicate, or the last active administrator)."),
+    412: ("PreconditionFailed", "If-Match names another version: details.task is the task as it is now."),
     413: ("PayloadTooLarge", "The request body is over 1 MB."),
+    422: ("KeyReused", "This Idempotency-Key was used for another request in the last 24 hours."),
     429: ("TooManyRequests", "Rate limited: wait for Retry-After seconds."),
     503: ("Unavailable", "The database is unavailable or busy: try again shortly."),
 }
@@ -57,6 +59,27 @@ ERROR_HEADERS = {
         "Retry-After": {"description": "Seconds to wait.", "required": True, "schema": {"type": "integer"}},
     },
 }
+# Request headers some writes honour, and the response header that goes with If-Match.
+HEADER_PARAMETERS = {
+    "IfMatch": {
+        "in": "header",
+        "name": "If-Match",
+        "required": False,
+        "schema": {"type": "string", "example": '"3"'},
+        "description": "The ETag (version) you read: a 412 if the task has changed since. Without it, the last "
+        "write wins.",
+    },
+    "IdempotencyKey": {
+        "in": "header",
+        "name": "Idempotency-Key",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+        "description": "Any unique string, a UUID say: a retry with the same key and body gets the first response "
+        "(with Idempotent-Replayed: true) and changes nothing; the same key with another body is a 422. Kept for "
+        "24 hours.",
+    },
+}
+ETAG_HEADER = {"description": "The task's version, quoted: send it back as If-Match.", "schema": {"type": "string"}}
 CONVERTERS = {"uuid": {"type": "string", "format": "uuid"}, "int": {"type": "integer"}}
 RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 
@@ -135,6 +158,9 @@ def build_spec(app: Flask) -> dict:
     spec.components.security_scheme(
         METRICS_BEARER, {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when it is set."}
     )
+    for name, parameter in HEADER_PARAMETERS.items():
+        spec.components.parameter(name, parameter["in"], parameter)
+    spec.components.header("ETag", ETAG_HEADER)
     for status, (name, description) in ERRORS.items():
         response = {"description": description, "content": {"application/json": {"schema": "ErrorSchema"}}}
         if status in ERROR_HEADERS:

@@ -3,21 +3,31 @@
 import uuid
 from datetime import datetime
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, jsonify, request
 from flask_jwt_extended import get_current_user
 from itsdangerous import BadData, URLSafeSerializer
 from marshmallow import ValidationError
-from sqlalchemy import case, delete, func, literal, select, tuple_, update
+from sqlalchemy import func, insert, literal, select, tuple_, update
 
-from models import Task, User, UTCDateTime, db, task_counts, utcnow
-from routes import load_args, load_json, require_login
+from models import Task, TaskEvent, User, db, task_counts, utcnow
+from routes import idempotency, load_args, load_json, require_login
 from routes.errors import APIError
-from schemas import BulkStatusSchema, TaskQuerySchema, TaskSchema, TaskStatusSchema, TaskUpdateSchema, dump_tasks
+from schemas import (
+    BulkStatusSchema,
+    HistoryQuerySchema,
+    TaskEventSchema,
+    TaskQuerySchema,
+    TaskSchema,
+    TaskStatusSchema,
+    TaskUpdateSchema,
+    dump_page,
+)
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/tasks")
 bp.before_request(require_login)
 
 task_schema = TaskSchema()
+event_schema = TaskEventSchema()
 # Text sorts ignore case, as people expect and as both databases then agree ("abc" beside "ABC Corp").
 CASE_INSENSITIVE_SORTS = ("entity_name", "task_type")
 
@@ -29,9 +39,18 @@ TIMESTAMP_SORTS = ("date_created", "task_time", "updated_at")
 
 
 def task_filters(args: dict, columns=Task) -> list:
-    """The WHERE conditions for the task list's filters (validated by ``TaskQuerySchema``), over ``Task`` or,
-    for the counted filters, over ``task_counts.c``."""
+    """The WHERE conditions for the task list's filters (validated by ``TaskFilterSchema``), over ``Task`` or,
+    for the counted filters, over ``task_counts.c`` (which counts live tasks only). Over ``Task``, deleted tasks
+    are left out, unless ``deleted`` asks for them instead: all of them for an administrator, the caller's own
+    for anyone else (the ones they may restore)."""
     conditions = []
+    if columns is Task:
+        if args.get("deleted"):
+            conditions.append(Task.deleted_at.is_not(None))
+            if not (user := get_current_user()).is_admin:
+                conditions.append(Task.created_by_id == user.id)
+        else:
+            conditions.append(Task.deleted_at.is_(None))
     if "status" in args:
         conditions.append(columns.status == args["status"])
     if "task_type" in args:
@@ -50,7 +69,7 @@ def task_filters(args: dict, columns=Task) -> list:
 def count_tasks(args: dict) -> int:
     """The exact number of tasks the filters select: from the kept counts when they can tell, else a COUNT
     that the filters' indexes serve."""
-    if COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
+    if not args.get("deleted") and COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
         total = func.coalesce(func.sum(task_counts.c.n), 0)
         return db.session.scalar(select(total).where(*task_filters(args, task_counts.c)))
     return db.session.scalar(select(func.count()).select_from(Task).where(*task_filters(args)))
@@ -125,13 +144,79 @@ def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID 
     return user.is_admin or user.id in (creator_id, assignee_id)
 
 
+def locked_task(task_id: uuid.UUID) -> Task:
+    """The task, deleted or not, locked until the commit: concurrent changes of it wait their turn, and each sees
+    it as the one before left it. A 404 if there is no such task."""
+    task = db.session.scalar(
+        select(Task).where(Task.id == task_id).with_for_update(of=Task).execution_options(populate_existing=True)
+    )
+    if task is None:
+        raise APIError("Task not found.", 404)
+    return task
+
+
 def task_for_update(task_id: uuid.UUID) -> Task:
-    """The task, locked until the commit (so concurrent edits and deletes of it wait their turn), if the caller
-    may change it."""
-    task = db.get_or_404(Task, task_id, description="Task not found.", with_for_update={"of": Task})
+    """The live task, locked, if the caller may change it and it is still the version If-Match names."""
+    task = locked_task(task_id)
+    if task.deleted_at is not None:
+        raise APIError("Task not found.", 404)
     if not may_change(get_current_user(), task.created_by_id, task.contact_person_id):
         raise APIError("Only the task's creator, its assignee or an administrator can change this task.", 403)
+    check_version(task)
     return task
+
+
+def check_version(task: Task) -> None:
+    """``If-Match``: the change applies only to the version the client read, else a 412 with the task as it is
+    now. Without the header, the last write wins, as the existing client expects."""
+    if "If-Match" in request.headers and not request.if_match.contains(str(task.version)):
+        raise APIError(
+            f"The task has changed since you read it: it is at version {task.version}. Reload it, then try again.",
+            412,
+            {"task": task_schema.dump(task), "version": task.version},
+            {"ETag": f'"{task.version}"'},
+        )
+
+
+def with_etag(body: dict, task: Task, status: int = 200):
+    """The JSON response, tagged with the task's version for a later If-Match."""
+    response = jsonify(body)
+    response.status_code = status
+    response.set_etag(str(task.version))
+    return response
+
+
+def audit_value(value):
+    """A field's value in the trail, as the API shows it."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def record(task_id: uuid.UUID, action: str, now: datetime, field: str | None = None, old=None, new=None) -> None:
+    """Add an event to the trail, in the transaction of the change it records."""
+    db.session.add(
+        TaskEvent(
+            task_id=task_id,
+            occurred_at=now,
+            actor_id=get_current_user().id,
+            action=action,
+            field=field,
+            old_value=audit_value(old),
+            new_value=audit_value(new),
+            request_id=g.get("request_id"),
+        )
+    )
+
+
+def set_status(task: Task, status: str, now: datetime) -> None:
+    """Open or close the task; closing stamps when and by whom, opening clears both."""
+    closing = status == "closed"
+    task.status = status
+    task.closed_at = now if closing else None
+    task.closed_by = get_current_user() if closing else None
 
 
 def active_user(user_id: uuid.UUID) -> User:
@@ -167,7 +252,7 @@ def list_tasks():
     tasks, has_next = rows[:per_page], len(rows) > per_page
     total = count_tasks(args)
     return {
-        "tasks": dump_tasks(task_schema, tasks),
+        "tasks": dump_page(task_schema, tasks),
         "pagination": {
             "page": page,
             "per_page": per_page,
@@ -180,20 +265,38 @@ def list_tasks():
     }
 
 
+def creation_values(task: Task) -> dict:
+    """What a task was created with, as the trail's ``created`` event keeps it."""
+    fields = ("entity_name", "task_type", "task_time", "contact_person_id", "note", "status")
+    return {field: audit_value(getattr(task, field)) for field in fields}
+
+
 @bp.post("")
 def create_task():
     """Log a task, created by the caller and assigned to an active user.
     ---
+    parameters: [IdempotencyKey]
     requestBody: {required: true, content: {application/json: {schema: TaskSchema}}}
     responses:
-      201: {description: The task as stored., content: {application/json: {schema: TaskChangedSchema}}}
+      201:
+        description: The task as stored.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: TaskChangedSchema}}
+      422: {$ref: "#/components/responses/KeyReused"}
     """
     data = load_json(TaskSchema())
+    if (replay := idempotency.replay_or_claim()) is not None:
+        return replay
     contact_person = active_user(data.pop("contact_person_id"))
-    task = Task(**data, contact_person=contact_person, created_by=get_current_user())
+    now = utcnow()
+    task = Task(**data, contact_person=contact_person, created_by=get_current_user(), date_created=now, updated_at=now)
+    set_status(task, data.get("status", "open"), now)
     db.session.add(task)
+    db.session.flush()  # its id and version, for the trail and the response
+    record(task.id, "created", now, new=creation_values(task))
+    response = idempotency.remember(with_etag({"message": "Task created.", "task": task_schema.dump(task)}, task, 201))
     db.session.commit()
-    return {"message": "Task created.", "task": task_schema.dump(task)}, 201
+    return response
 
 
 @bp.get("/<uuid:task_id>")
@@ -201,76 +304,112 @@ def get_task(task_id: uuid.UUID):
     """One task.
     ---
     responses:
-      200: {description: The task., content: {application/json: {schema: TaskResponseSchema}}}
+      200:
+        description: The task.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: TaskResponseSchema}}
       404: {$ref: "#/components/responses/NotFound"}
     """
-    return {"task": task_schema.dump(db.get_or_404(Task, task_id, description="Task not found."))}
+    task = db.session.scalar(select(Task).where(Task.id == task_id, Task.deleted_at.is_(None)))
+    if task is None:
+        raise APIError("Task not found.", 404)
+    return with_etag({"task": task_schema.dump(task)}, task)
 
 
 @bp.put("/<uuid:task_id>")
 def update_task(task_id: uuid.UUID):
     """Change any subset of a task's fields; ``note: null`` clears the note.
 
-    The task's creator, its assignee or an administrator may change it.
+    The task's creator, its assignee or an administrator may change it. Each field that changes is recorded in
+    the task's history; a request that changes nothing records nothing and keeps the version.
     ---
+    parameters: [IfMatch]
     requestBody: {required: true, content: {application/json: {schema: TaskUpdateSchema}}}
     responses:
-      200: {description: The task as changed., content: {application/json: {schema: TaskChangedSchema}}}
+      200:
+        description: The task as changed.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: TaskChangedSchema}}
       403: {$ref: "#/components/responses/Forbidden"}
       404: {$ref: "#/components/responses/NotFound"}
+      412: {$ref: "#/components/responses/PreconditionFailed"}
     """
     data = load_json(TaskUpdateSchema())
     if not data:
         raise APIError("Nothing to update: send at least one task field.")
     task = task_for_update(task_id)
-    if "contact_person_id" in data:
-        task.contact_person = active_user(data.pop("contact_person_id"))
-    for field, value in data.items():
-        setattr(task, field, value)
+    now = utcnow()
+    for field, new in data.items():
+        old = getattr(task, field)
+        if old == new:
+            continue
+        record(task.id, "status_changed" if field == "status" else "updated", now, field, old, new)
+        if field == "contact_person_id":
+            task.contact_person = active_user(new)
+        elif field == "status":
+            set_status(task, new, now)
+        else:
+            setattr(task, field, new)
+        task.updated_at = now
     db.session.commit()
-    return {"message": "Task updated.", "task": task_schema.dump(task)}
+    return with_etag({"message": "Task updated.", "task": task_schema.dump(task)}, task)
 
 
 @bp.patch("/<uuid:task_id>/status")
 def update_task_status(task_id: uuid.UUID):
     """Open or close a task.
 
-    The task's creator, its assignee or an administrator may change it.
+    The task's creator, its assignee or an administrator may change it. Closing sets closed_at and closed_by,
+    opening clears them.
     ---
+    parameters: [IfMatch]
     requestBody: {required: true, content: {application/json: {schema: TaskStatusSchema}}}
     responses:
-      200: {description: The task as changed., content: {application/json: {schema: TaskChangedSchema}}}
+      200:
+        description: The task as changed.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: TaskChangedSchema}}
       403: {$ref: "#/components/responses/Forbidden"}
       404: {$ref: "#/components/responses/NotFound"}
+      412: {$ref: "#/components/responses/PreconditionFailed"}
     """
     status = load_json(TaskStatusSchema())["status"]
     task = task_for_update(task_id)
-    task.status = status
+    if task.status != status:
+        now = utcnow()
+        record(task.id, "status_changed", now, "status", task.status, status)
+        set_status(task, status, now)
+        task.updated_at = now
     db.session.commit()
-    return {"message": f"Task marked {task.status}.", "task": task_schema.dump(task)}
+    return with_etag({"message": f"Task marked {task.status}.", "task": task_schema.dump(task)}, task)
 
 
 @bp.patch("/bulk-status")
 def bulk_update_status():
     """Open or close up to 1000 tasks at once, in one UPDATE; nothing changes if any id is unknown.
 
-    All or nothing: an unknown id is a 404 naming the ids (details.not_found), a task the caller may not
-    change a 403 naming them (details.forbidden).
+    All or nothing: an unknown (or deleted) id is a 404 naming the ids (details.not_found), a task the caller
+    may not change a 403 naming them (details.forbidden). Each task whose status changes gets an event in its
+    history.
     ---
+    parameters: [IdempotencyKey]
     requestBody: {required: true, content: {application/json: {schema: BulkStatusSchema}}}
     responses:
       200: {description: How many tasks were set., content: {application/json: {schema: BulkStatusResultSchema}}}
       403: {$ref: "#/components/responses/Forbidden"}
       404: {$ref: "#/components/responses/NotFound"}
+      422: {$ref: "#/components/responses/KeyReused"}
     """
     data = load_json(BulkStatusSchema())
+    if (replay := idempotency.replay_or_claim()) is not None:
+        return replay
     task_ids = list(dict.fromkeys(data["task_ids"]))
     status = data["status"]
     # Lock the rows in id order first: overlapping bulk updates queue instead of deadlocking, and the
     # timestamp below is taken after any edit that committed while this request waited.
     locked = (
-        select(Task.id, Task.created_by_id, Task.contact_person_id)
-        .where(Task.id.in_(task_ids))
+        select(Task.id, Task.created_by_id, Task.contact_person_id, Task.status)
+        .where(Task.id.in_(task_ids), Task.deleted_at.is_(None))
         .order_by(Task.id)
         .with_for_update()
     )
@@ -290,35 +429,138 @@ def bulk_update_status():
             403,
             {"forbidden": [str(task_id) for task_id in task_ids if task_id in refused]},
         )
-    # Tasks already in that status keep their updated_at: nothing about them changed.
-    touched_at = case((Task.status != status, literal(utcnow(), UTCDateTime())), else_=Task.updated_at)
-    db.session.execute(
-        update(Task)
-        .where(Task.id.in_(task_ids))
-        .values(status=status, updated_at=touched_at)
-        .execution_options(synchronize_session=False)
-    )
+    # Tasks already in that status are left alone (their updated_at and version included): nothing changed.
+    changing = [row for row in rows if row.status != status]
+    if changing:
+        now, closing = utcnow(), status == "closed"
+        db.session.execute(
+            update(Task)
+            .where(Task.id.in_([row.id for row in changing]))
+            .values(
+                status=status,
+                updated_at=now,
+                closed_at=now if closing else None,
+                closed_by_id=user.id if closing else None,
+                version=Task.version + 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        db.session.execute(
+            insert(TaskEvent),
+            [
+                {
+                    "task_id": row.id,
+                    "occurred_at": now,
+                    "actor_id": user.id,
+                    "action": "bulk_status_changed",
+                    "field": "status",
+                    "old_value": row.status,
+                    "new_value": status,
+                    "request_id": g.get("request_id"),
+                }
+                for row in changing
+            ],
+        )
+    response = jsonify(message=f"Status set to {status} for {len(found)} task(s).", updated=len(found))
+    idempotency.remember(response)
     db.session.commit()
-    return {"message": f"Status set to {status} for {len(found)} task(s).", "updated": len(found)}
+    return response
 
 
 @bp.delete("/<uuid:task_id>")
 def delete_task(task_id: uuid.UUID):
-    """Delete a task for good (its creator or an administrator); of two deletes at once, one gets a 404.
+    """Delete a task (its creator or an administrator): hidden everywhere until restored or purged.
+
+    Of two deletes at once, one gets a 404. The task stays in the database, with its history, until
+    ``flask purge-deleted`` removes it.
     ---
+    parameters: [IfMatch]
     responses:
       200: {description: Deleted., content: {application/json: {schema: MessageSchema}}}
       403: {$ref: "#/components/responses/Forbidden"}
       404: {$ref: "#/components/responses/NotFound"}
+      412: {$ref: "#/components/responses/PreconditionFailed"}
     """
+    task = locked_task(task_id)
+    if task.deleted_at is not None:
+        raise APIError("Task not found.", 404)
     user = get_current_user()
-    stmt = delete(Task).where(Task.id == task_id)
-    if not user.is_admin:
-        stmt = stmt.where(Task.created_by_id == user.id)
-    deleted = db.session.scalar(stmt.returning(Task.id).execution_options(synchronize_session=False))
-    if deleted is None:
-        if db.session.scalar(select(Task.id).where(Task.id == task_id)) is None:
-            raise APIError("Task not found.", 404)
+    if not (user.is_admin or task.created_by_id == user.id):
         raise APIError("Only the task's creator or an administrator can delete this task.", 403)
+    check_version(task)
+    now = utcnow()
+    record(task.id, "deleted", now)
+    task.deleted_at = task.updated_at = now
     db.session.commit()
     return {"message": "Task deleted."}
+
+
+@bp.post("/<uuid:task_id>/restore")
+def restore_task(task_id: uuid.UUID):
+    """Bring a deleted task back (its creator or an administrator), as it was when deleted.
+    ---
+    parameters: [IfMatch]
+    responses:
+      200:
+        description: The task, restored.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: TaskChangedSchema}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      404: {$ref: "#/components/responses/NotFound"}
+      409: {$ref: "#/components/responses/Conflict"}
+      412: {$ref: "#/components/responses/PreconditionFailed"}
+    """
+    task = locked_task(task_id)
+    user = get_current_user()
+    if task.deleted_at is None:
+        raise APIError("This task is not deleted: there is nothing to restore.", 409)
+    if not (user.is_admin or task.created_by_id == user.id):
+        raise APIError("Only the task's creator or an administrator can restore this task.", 403)
+    check_version(task)
+    now = utcnow()
+    record(task.id, "restored", now)
+    task.deleted_at, task.updated_at = None, now
+    db.session.commit()
+    return with_etag({"message": "Task restored.", "task": task_schema.dump(task)}, task)
+
+
+@bp.get("/<uuid:task_id>/history")
+def task_history(task_id: uuid.UUID):
+    """A task's history: every change to it, who made it and when, oldest first.
+
+    Anyone may read a task's history; that of a deleted (or purged) task, administrators only.
+    ---
+    parameters: [{in: query, schema: HistoryQuerySchema}]
+    responses:
+      200: {description: A page of events., content: {application/json: {schema: TaskHistorySchema}}}
+      400: {$ref: "#/components/responses/BadRequest"}
+      404: {$ref: "#/components/responses/NotFound"}
+    """
+    args = load_args(HistoryQuerySchema())
+    page, per_page = args["page"], args["per_page"]
+    live = db.session.scalar(select(Task.deleted_at.is_(None)).where(Task.id == task_id))
+    if not live and not get_current_user().is_admin:
+        raise APIError("Task not found.", 404)
+    order = TaskEvent.id.desc() if args["sort_order"] == "desc" else TaskEvent.id.asc()
+    events = db.session.scalars(
+        select(TaskEvent)
+        .where(TaskEvent.task_id == task_id)
+        .order_by(order)
+        .offset((page - 1) * per_page)
+        .limit(per_page)
+    ).all()
+    total = db.session.scalar(select(func.count()).select_from(TaskEvent).where(TaskEvent.task_id == task_id))
+    if live is None and total == 0:
+        raise APIError("Task not found.", 404)
+    return {
+        "task_id": str(task_id),
+        "events": dump_page(event_schema, events),
+        "pagination": {
+            "page": page,
+            "per_page": per_page,
+            "total": total,
+            "pages": -(-total // per_page),
+            "has_next": page * per_page < total,
+            "has_prev": page > 1,
+        },
+    }

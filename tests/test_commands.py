@@ -164,12 +164,25 @@ def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp
     with app.app_context():
         inspector = sa.inspect(db.engine)
         assert set(inspector.get_table_names()) == {"alembic_version", *db.metadata.tables}
-        assert set(db.metadata.tables) == {"app_users", "tasks", "login_sessions", "revoked_tokens", "task_counts"}
+        assert set(db.metadata.tables) == {
+            "app_users", "tasks", "login_sessions", "revoked_tokens", "task_counts", "task_events", "idempotency_keys",
+        }  # fmt: skip
+        # autogenerate compares no check constraints: these are checked here
+        checks = {check["name"] for check in inspector.get_check_constraints("tasks")}
+        assert checks == {"ck_tasks_status", "ck_tasks_closed_at"}
         model_indexes = {index.name for index in db.metadata.tables["tasks"].indexes}
         expected = model_indexes if db.engine.dialect.name == "postgresql" else model_indexes - POSTGRESQL_ONLY_INDEXES
         assert {index["name"] for index in inspector.get_indexes("tasks")} == expected
-        assert len(model_indexes) == 11
+        assert len(model_indexes) == 14
         assert {index["name"] for index in inspector.get_indexes("task_counts")} == {"uq_task_counts_key"}
+        assert {index["name"] for index in inspector.get_indexes("task_events")} == {"ix_task_events_task_id_id"}
+        partial = {
+            index["name"]: index["dialect_options"].get(f"{db.engine.dialect.name}_where")
+            for index in inspector.get_indexes("tasks")
+        }
+        assert str(partial["ix_tasks_open_task_time"]).replace("::text", "").replace("(", "").replace(")", "") == (
+            "status = 'open' AND deleted_at IS NULL"
+        )
 
 
 def test_migrations_downgrade_to_an_empty_database(fresh_database_url, tmp_path):

@@ -5,11 +5,12 @@ import re
 import stat
 
 import pytest
+import sqlalchemy as sa
 
 import app as app_module
 from app import create_app
 from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url
-from helpers import PRODUCTION, ROOT, settings
+from helpers import POSTGRES_SERVER, PRODUCTION, ROOT, settings
 from models import db
 
 
@@ -99,6 +100,14 @@ def test_every_postgresql_wait_is_bounded():
     assert default["pool_timeout"] < 30 and default["hide_parameters"] is True
     assert tuned.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["connect_timeout"] == 2
     assert "-c statement_timeout=2500" in tuned.SQLALCHEMY_ENGINE_OPTIONS["connect_args"]["options"]
+
+
+def test_postgresql_sessions_run_without_jit():
+    """The database as the app's connections see it: JIT would add tens of ms to the filtered dashboard."""
+    engine = sa.create_engine(POSTGRES_SERVER, **Config({"DATABASE_URL": POSTGRES_SERVER}).SQLALCHEMY_ENGINE_OPTIONS)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW jit").scalar() == "off"
+    engine.dispose()
 
 
 def test_env_example_documents_every_setting():

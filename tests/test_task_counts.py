@@ -16,7 +16,7 @@ from models import Task, User, db, task_counts
 
 
 def kept_and_recounted(connection) -> tuple[dict, dict]:
-    """The kept counts (zero rows left out) and a recount of the tasks themselves, keyed alike."""
+    """The kept counts (zero rows left out) and a recount of the live tasks themselves, keyed alike."""
     kept = {
         (status, task_type, str(person) if person else None): n
         for status, task_type, person, n in connection.execute(sa.select(task_counts))
@@ -25,9 +25,9 @@ def kept_and_recounted(connection) -> tuple[dict, dict]:
     recounted = {
         (status, task_type, str(person) if person else None): n
         for status, task_type, person, n in connection.execute(
-            sa.select(Task.status, Task.task_type, Task.contact_person_id, sa.func.count()).group_by(
-                Task.status, Task.task_type, Task.contact_person_id
-            )
+            sa.select(Task.status, Task.task_type, Task.contact_person_id, sa.func.count())
+            .where(Task.deleted_at.is_(None))
+            .group_by(Task.status, Task.task_type, Task.contact_person_id)
         )
     }
     return kept, recounted
@@ -62,6 +62,8 @@ def test_every_kind_of_api_write_keeps_the_counts_exact(
         ("PATCH", "/api/tasks/bulk-status", {"task_ids": created, "status": "closed"}),  # some were closed already
         ("PATCH", "/api/tasks/bulk-status", {"task_ids": created[:5], "status": "open"}),
         ("DELETE", f"/api/tasks/{created[5]}", None),
+        ("DELETE", f"/api/tasks/{created[6]}", None),
+        ("POST", f"/api/tasks/{created[6]}/restore", None),
     ]
     for method, path, body in steps:
         response = client.open(path, method=method, json=body, headers=admin_headers)
@@ -88,19 +90,38 @@ def test_plain_sql_writes_of_many_rows_keep_the_counts_exact(app, user):
             "updated_at": datetime(2025, 1, 1, tzinfo=UTC),
             "contact_person_id": people[n % 2],
             "status": ("open", "closed")[n % 5 == 0],
+            "closed_at": datetime(2025, 1, 2, tzinfo=UTC) if n % 5 == 0 else None,
         }
         for n in range(200)
     ]
+    now = datetime.now(UTC)
     with app.app_context():
         db.session.execute(sa.insert(Task), rows)
         db.session.commit()
-        db.session.execute(sa.update(Task).where(Task.task_type == "Call").values(status="closed"))
+        db.session.execute(
+            sa.update(Task)
+            .where(Task.task_type == "Call")
+            .values(status="closed", closed_at=sa.func.coalesce(Task.closed_at, now))
+        )
         db.session.execute(sa.update(Task).where(Task.task_type == "Email").values(contact_person_id=people[0]))
         db.session.execute(sa.update(Task).values(note="touched"))  # no counted column changes
         db.session.execute(sa.delete(Task).where(Task.task_type == "Meeting", Task.status == "open"))
         db.session.commit()
     counts = assert_counts_exact(app)
     assert sum(counts.values()) == 200 - sum(1 for n in range(200) if n % 3 == 1 and n % 5 != 0)
+
+    with app.app_context():  # a soft delete leaves the counts, a restore comes back; deleted rows count for nothing
+        emails = Task.task_type == "Email"
+        db.session.execute(sa.update(Task).where(emails).values(deleted_at=now))
+        db.session.commit()
+        assert not any(task_type == "Email" for _, task_type, _ in assert_counts_exact(app))
+        db.session.execute(sa.update(Task).where(emails).values(status="closed", closed_at=now))
+        db.session.execute(sa.delete(Task).where(emails, Task.entity_name.like("Entity 1%")))
+        db.session.execute(sa.update(Task).where(emails).values(deleted_at=None))
+        db.session.commit()
+        restored = db.session.scalar(sa.select(sa.func.count()).where(emails))
+    assert restored > 0
+    assert assert_counts_exact(app)[("closed", "Email", user["id"])] == restored
 
     if POSTGRES_URL:
         with app.app_context():
@@ -155,8 +176,10 @@ def trigger_definitions(connection) -> list[str]:
         query = "SELECT sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
         return connection.execute(sa.text(query)).scalars().all()
     query = (
-        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'tasks'::regclass AND NOT tgisinternal "
-        "UNION ALL SELECT prosrc FROM pg_proc WHERE proname = 'task_counts_apply' ORDER BY 1"
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
+        "WHERE tgrelid IN ('tasks'::regclass, 'task_events'::regclass) AND NOT tgisinternal "
+        "UNION ALL SELECT prosrc FROM pg_proc WHERE proname IN ('task_counts_apply', 'task_events_append_only') "
+        "ORDER BY 1"
     )
     return connection.execute(sa.text(query)).scalars().all()
 
@@ -171,7 +194,8 @@ def test_migrations_create_the_triggers_the_models_create(app, fresh_database_ur
     with app.app_context():
         from_models = trigger_definitions(db.session)
 
-    assert len(from_models) == (5 if POSTGRES_URL else 3)
+    # The counts' triggers (and function) on tasks, and the append-only ones on task_events.
+    assert len(from_models) == (7 if POSTGRES_URL else 5)
     assert from_migrations == from_models
 
 
@@ -261,6 +285,7 @@ def test_replacing_a_task_in_one_statement_keeps_the_counts_exact(app, make_task
         "date_created": datetime(2025, 1, 1, tzinfo=UTC),
         "updated_at": datetime(2025, 1, 1, tzinfo=UTC),
         "status": "closed",
+        "closed_at": datetime(2025, 1, 2, tzinfo=UTC),
     }
     with app.app_context():
         if db.session.get_bind().dialect.name == "sqlite":

@@ -11,7 +11,7 @@ from models import Task, User, db
 
 TASK_FIELDS = {
     "id", "date_created", "entity_name", "task_type", "task_time", "contact_person", "note", "status",
-    "created_by", "updated_at",
+    "created_by", "updated_at", "version", "closed_at", "closed_by", "deleted_at",
 }  # fmt: skip
 
 
@@ -213,10 +213,12 @@ def test_update_changes_only_the_given_fields(client, auth_headers, make_task):
     body = response.get_json()
     assert set(body) == {"message", "task"}
     assert body["task"]["entity_name"] == "XYZ Ltd"
-    assert {k: v for k, v in body["task"].items() if k not in ("entity_name", "updated_at")} == {
-        k: v for k, v in task.items() if k not in ("entity_name", "updated_at")
+    changed = ("entity_name", "updated_at", "version")
+    assert {k: v for k, v in body["task"].items() if k not in changed} == {
+        k: v for k, v in task.items() if k not in changed
     }
     assert datetime.fromisoformat(body["task"]["updated_at"]) > datetime.fromisoformat(task["updated_at"])
+    assert body["task"]["version"] == task["version"] + 1
 
 
 def test_update_with_null_note_clears_it(client, auth_headers, make_task):
@@ -331,7 +333,7 @@ def test_patch_status_of_unknown_task_is_404(client, auth_headers):
     )
 
 
-def test_delete_removes_the_task(app, client, auth_headers, make_task):
+def test_delete_hides_the_task_but_keeps_it_until_purged(app, client, auth_headers, make_task):
     task = make_task()
 
     response = client.delete(f"/api/tasks/{task['id']}", headers=auth_headers)
@@ -339,7 +341,8 @@ def test_delete_removes_the_task(app, client, auth_headers, make_task):
     assert response.status_code == 200
     assert set(response.get_json()) == {"message"}
     assert_error(client.get(f"/api/tasks/{task['id']}", headers=auth_headers), 404)
-    assert task_count(app) == 0
+    assert task_count(app) == 1
+    assert stored_task(app, task["id"]).deleted_at is not None
 
 
 def test_delete_unknown_task_is_404(client, auth_headers):
@@ -362,9 +365,9 @@ def test_bulk_status_updates_every_task_in_one_update(app, client, auth_headers,
     updates = [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
     assert len(updates) == 1
     # Besides it, only the statement that locks the rows in id order, reading no more than the permission check
-    # needs: the ids, and who created and who is assigned each task.
+    # and the trail need: the ids, who created and who is assigned each task, and its status before.
     others = [s for s in statements if s not in updates and "tasks" in s]
-    columns = "SELECT tasks.id, tasks.created_by_id, tasks.contact_person_id \nFROM tasks"
+    columns = "SELECT tasks.id, tasks.created_by_id, tasks.contact_person_id, tasks.status \nFROM tasks"
     assert len(others) == 1 and others[0].startswith(columns), others
     for task in tasks:
         assert stored_task(app, task["id"]).status == "closed"
