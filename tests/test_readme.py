@@ -33,6 +33,8 @@ def test_readme_curl_examples_work(servers, environment):
         '"action":"restored"', '"new_value":"Agenda sent"', "The task has changed since you read it",
     ):  # fmt: skip
         assert expected in output.replace(": ", ":"), expected
+    assert '"median_seconds_to_close"' in output and '"entity_names_total":2' in output.replace(" ", "")
+    assert "id,date_created,entity_name,task_type" in output  # the CSV file's header
     assert '"page":2,"pages":2' in output.replace(" ", "").replace("\n", "")  # the page after the cursor
     assert output.count('"refresh_token":') == 2  # registration and the refresh by body print theirs
     assert "Internal server error" not in output
