@@ -55,10 +55,12 @@ def replay_or_claim():
     if db.session.execute(claim).first() is not None:
         g.idempotency_key = this_key
         return None
-    # Committed by the first request (had it rolled back, the claim above would have succeeded).
+    # Committed by the first request (had it rolled back, the claim above would have succeeded)...
     first = db.session.execute(
         select(IdempotencyKey.request_hash, IdempotencyKey.status_code, IdempotencyKey.response).where(this_key)
-    ).one()
+    ).one_or_none()
+    if first is None:  # ...unless it expired and was purged in between: then this request is the first
+        return replay_or_claim()
     if first.request_hash != fingerprint:
         raise APIError(
             f"This {HEADER} was already used for a different request: send a new key for a new request.",

@@ -146,13 +146,14 @@ def may_change(user: User, creator_id: uuid.UUID | None, assignee_id: uuid.UUID 
 
 def locked_task(task_id: uuid.UUID) -> Task:
     """The task, deleted or not, locked until the commit: concurrent changes of it wait their turn, and each sees
-    it as the one before left it. A 404 if there is no such task."""
-    task = db.session.scalar(
-        select(Task).where(Task.id == task_id).with_for_update(of=Task).execution_options(populate_existing=True)
-    )
-    if task is None:
+    it as the one before left it. A 404 if there is no such task.
+
+    The lock is taken alone, then the task read with its people in a statement of its own: on PostgreSQL a
+    locking read that waited rechecks the task's new row against the users it had read before the wait, so
+    joined in, a new assignee or closer would come out as null."""
+    if db.session.scalar(select(Task.id).where(Task.id == task_id).with_for_update()) is None:
         raise APIError("Task not found.", 404)
-    return task
+    return db.session.get(Task, task_id, populate_existing=True)
 
 
 def task_for_update(task_id: uuid.UUID) -> Task:
@@ -339,18 +340,20 @@ def update_task(task_id: uuid.UUID):
         raise APIError("Nothing to update: send at least one task field.")
     task = task_for_update(task_id)
     now = utcnow()
-    for field, new in data.items():
-        old = getattr(task, field)
-        if old == new:
-            continue
-        record(task.id, "status_changed" if field == "status" else "updated", now, field, old, new)
-        if field == "contact_person_id":
-            task.contact_person = active_user(new)
-        elif field == "status":
-            set_status(task, new, now)
-        else:
-            setattr(task, field, new)
-        task.updated_at = now
+    # One UPDATE at the commit, so one more version: a lookup (the assignee's) must not flush half the changes.
+    with db.session.no_autoflush:
+        for field, new in data.items():
+            old = getattr(task, field)
+            if old == new:
+                continue
+            record(task.id, "status_changed" if field == "status" else "updated", now, field, old, new)
+            if field == "contact_person_id":
+                task.contact_person = active_user(new)
+            elif field == "status":
+                set_status(task, new, now)
+            else:
+                setattr(task, field, new)
+            task.updated_at = now
     db.session.commit()
     return with_etag({"message": "Task updated.", "task": task_schema.dump(task)}, task)
 
@@ -476,7 +479,10 @@ def delete_task(task_id: uuid.UUID):
     ---
     parameters: [IfMatch]
     responses:
-      200: {description: Deleted., content: {application/json: {schema: MessageSchema}}}
+      200:
+        description: Deleted.
+        headers: {ETag: ETag}
+        content: {application/json: {schema: MessageSchema}}
       403: {$ref: "#/components/responses/Forbidden"}
       404: {$ref: "#/components/responses/NotFound"}
       412: {$ref: "#/components/responses/PreconditionFailed"}
@@ -492,12 +498,14 @@ def delete_task(task_id: uuid.UUID):
     record(task.id, "deleted", now)
     task.deleted_at = task.updated_at = now
     db.session.commit()
-    return {"message": "Task deleted."}
+    return with_etag({"message": "Task deleted."}, task)  # the version a conditional restore names
 
 
 @bp.post("/<uuid:task_id>/restore")
 def restore_task(task_id: uuid.UUID):
     """Bring a deleted task back (its creator or an administrator), as it was when deleted.
+
+    For anyone else a deleted task does not exist: a 404.
     ---
     parameters: [IfMatch]
     responses:
@@ -514,8 +522,8 @@ def restore_task(task_id: uuid.UUID):
     user = get_current_user()
     if task.deleted_at is None:
         raise APIError("This task is not deleted: there is nothing to restore.", 409)
-    if not (user.is_admin or task.created_by_id == user.id):
-        raise APIError("Only the task's creator or an administrator can restore this task.", 403)
+    if not (user.is_admin or task.created_by_id == user.id):  # deleted tasks are hidden from them: not found
+        raise APIError("Task not found.", 404)
     check_version(task)
     now = utcnow()
     record(task.id, "restored", now)

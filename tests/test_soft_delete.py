@@ -85,7 +85,8 @@ def test_only_the_creator_or_an_admin_restores(client, auth_headers, other_heade
     task = make_task()
     client.delete(f"/api/tasks/{task['id']}", headers=auth_headers)
 
-    assert_error(client.post(f"/api/tasks/{task['id']}/restore", headers=other_headers), 403)
+    # For anyone else the deleted task is hidden, as from the list and the history.
+    assert_error(client.post(f"/api/tasks/{task['id']}/restore", headers=other_headers), 404)
     assert client.post(f"/api/tasks/{task['id']}/restore", headers=admin_headers).status_code == 200
 
 
@@ -104,7 +105,7 @@ def test_the_assignee_may_change_a_task_but_not_delete_or_restore_it(
     assert client.put(f"/api/tasks/{task['id']}", json={"note": "mine too"}, headers=other_headers).status_code == 200
     assert_error(client.delete(f"/api/tasks/{task['id']}", headers=other_headers), 403)
     client.delete(f"/api/tasks/{task['id']}", headers=auth_headers)
-    assert_error(client.post(f"/api/tasks/{task['id']}/restore", headers=other_headers), 403)
+    assert_error(client.post(f"/api/tasks/{task['id']}/restore", headers=other_headers), 404)
 
 
 def age_deletions(app, days_by_id: dict[str, int]) -> None:

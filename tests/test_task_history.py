@@ -81,6 +81,8 @@ def test_an_update_records_each_field_it_changed_with_old_and_new_values(
     )
 
     assert response.status_code == 200
+    assert response.get_json()["task"]["version"] == 2  # four fields, one change
+    assert response.headers["ETag"] == '"2"'
     assert sorted(events_of(app, task["id"])) == [
         ("updated", "contact_person_id", user["id"], other_user["id"], user["id"]),
         ("updated", "note", "first", None, user["id"]),

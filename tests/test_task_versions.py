@@ -99,7 +99,8 @@ def test_status_delete_and_restore_honour_if_match(app, client, auth_headers, ma
     assert_error(client.delete(url, headers=stale), 412)
     assert stored(app, task["id"]).status == "open" and stored(app, task["id"]).deleted_at is None
 
-    assert client.delete(url, headers=auth_headers | {"If-Match": '"1"'}).status_code == 200
+    deleted = client.delete(url, headers=auth_headers | {"If-Match": '"1"'})
+    assert deleted.status_code == 200 and deleted.headers["ETag"] == '"2"'  # what a conditional restore names
     assert_error(client.post(f"{url}/restore", headers=stale), 412)
     assert stored(app, task["id"]).deleted_at is not None
     restored = client.post(f"{url}/restore", headers=auth_headers | {"If-Match": '"2"'})
