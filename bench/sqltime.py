@@ -79,7 +79,8 @@ def capture(engine, request: Request) -> list[tuple[str, object]]:
 
     def record(_conn, _cursor, statement, parameters, _context, executemany):
         if statement.lstrip().upper().startswith(DML):
-            parameters = parameters[0] if executemany else parameters
+            # executemany: the first row; but insertmanyvalues sends one statement with one dict for all the rows
+            parameters = parameters[0] if executemany and isinstance(parameters, (list, tuple)) else parameters
             statements.append((statement, fresh_insert_id(statement, parameters)))
 
     event.listen(engine, "before_cursor_execute", record)
