@@ -458,13 +458,18 @@ class TaskChangedSchema(MessageSchema, TaskResponseSchema):
     pass
 
 
-class PaginationSchema(Schema):
+class HistoryPaginationSchema(Schema):
+    """Offset pagination: the history's, and the task list's without its cursor."""
+
     page = fields.Integer(required=True, metadata={"example": 1})
     per_page = fields.Integer(required=True, metadata={"example": 20})
     total = fields.Integer(required=True, metadata={"example": 1})
     pages = fields.Integer(required=True, metadata={"example": 1})
     has_next = fields.Boolean(required=True)
     has_prev = fields.Boolean(required=True)
+
+
+class PaginationSchema(HistoryPaginationSchema):
     next_cursor = fields.String(
         required=True,
         allow_none=True,
@@ -499,15 +504,6 @@ class TaskEventSchema(Schema):
     request_id = fields.String(
         dump_only=True, required=True, allow_none=True, metadata={"description": "X-Request-ID of the change."}
     )
-
-
-class HistoryPaginationSchema(Schema):
-    page = fields.Integer(required=True, metadata={"example": 1})
-    per_page = fields.Integer(required=True, metadata={"example": 50})
-    total = fields.Integer(required=True, metadata={"example": 1})
-    pages = fields.Integer(required=True, metadata={"example": 1})
-    has_next = fields.Boolean(required=True)
-    has_prev = fields.Boolean(required=True)
 
 
 class TaskHistorySchema(Schema):

@@ -127,16 +127,26 @@ def free_port() -> int:
 
 def call(method: str, url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
     """One HTTP request on a new connection (so successive calls can land on different workers)."""
+    status, answer, _headers = call_with_headers(method, url, body, token)
+    return status, answer
+
+
+def call_with_headers(
+    method: str, url: str, body: dict | None = None, token: str | None = None, headers: dict | None = None
+) -> tuple[int, dict, dict]:
+    """``call`` with request headers of one's own, answering the response's headers too."""
     request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
     request.add_header("Content-Type", "application/json")
     request.add_header("Connection", "close")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+            return response.status, json.loads(response.read()), dict(response.headers)
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, json.loads(error.read()), dict(error.headers)
 
 
 class Server:

@@ -1,16 +1,13 @@
 """Idempotency-Key: a retried create or bulk update returns the first response and changes nothing more."""
 
-import json
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import GUNICORN, assert_error, call
+from helpers import GUNICORN, assert_error, call, call_with_headers
 from models import IdempotencyKey, Task, TaskEvent, db
 
 
@@ -160,22 +157,6 @@ def test_purge_idempotency_keys_removes_the_expired_ones_only(app, client, auth_
         assert db.session.scalars(sa.select(IdempotencyKey.key)).all() == ["b"]
 
 
-def keyed_post(url: str, token: str, body: dict, key: str) -> tuple[int, dict, str | None]:
-    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode())
-    for name, value in {
-        "Content-Type": "application/json",
-        "Authorization": f"Bearer {token}",
-        "Idempotency-Key": key,
-        "Connection": "close",
-    }.items():
-        request.add_header(name, value)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read()), response.headers.get("Idempotent-Replayed")
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read()), None
-
-
 def test_retries_racing_each_other_create_one_task_and_all_get_its_response(servers, environment, fresh_database_url):
     server = servers.start(GUNICORN, environment)
     token = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1][
@@ -189,7 +170,10 @@ def test_retries_racing_each_other_create_one_task_and_all_get_its_response(serv
 
         def post(key: str, barrier: threading.Barrier, results: list):
             barrier.wait()
-            results.append(keyed_post(f"{server.url}/api/tasks", token, new_task(admin_id), key))
+            status, body, headers = call_with_headers(
+                "POST", f"{server.url}/api/tasks", new_task(admin_id), token, {"Idempotency-Key": key}
+            )
+            results.append((status, body, headers.get("Idempotent-Replayed")))
 
         arguments = (f"race-{round_}", barrier, results)
         threads = [threading.Thread(target=post, args=arguments) for _ in range(racers)]

@@ -1,15 +1,12 @@
 """Safe concurrent edits: every task has a version, sent as its ETag; If-Match makes a change conditional on it."""
 
-import json
 import threading
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import GUNICORN, assert_error, call
+from helpers import GUNICORN, assert_error, call, call_with_headers
 from models import Task, TaskEvent, db
 
 
@@ -132,23 +129,6 @@ def test_a_bulk_update_moves_the_version_of_the_tasks_it_changed_only(app, clien
     assert stored(app, already_closed["id"]).version == 1
 
 
-def conditional_put(url: str, token: str, body: dict, if_match: str) -> tuple[int, dict]:
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(url, method="PUT", data=data)
-    for name, value in {
-        "Content-Type": "application/json",
-        "Authorization": f"Bearer {token}",
-        "If-Match": if_match,
-        "Connection": "close",
-    }.items():
-        request.add_header(name, value)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.mark.parametrize("racers", [2, 8])
 def test_of_edits_racing_with_the_same_if_match_exactly_one_wins(servers, environment, racers):
     server = servers.start(GUNICORN, environment)
@@ -169,7 +149,7 @@ def test_of_edits_racing_with_the_same_if_match_exactly_one_wins(servers, enviro
 
     def edit(n: int):
         barrier.wait()
-        results[n] = conditional_put(url, token, {"note": f"edit {n}"}, '"1"')
+        results[n] = call_with_headers("PUT", url, {"note": f"edit {n}"}, token, {"If-Match": '"1"'})[:2]
 
     threads = [threading.Thread(target=edit, args=(n,)) for n in range(racers)]
     for thread in threads:
