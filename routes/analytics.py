@@ -28,7 +28,7 @@ RANGED_FILTERS = frozenset(("status", "created_from", "created_before"))
 NO_TEXT = null().cast(String())
 NO_USER = null().cast(Uuid())
 NO_SECONDS = null().cast(Float())
-NO_END = datetime(9999, 12, 31, tzinfo=UTC)  # the end of a last range without one
+AFTER_ALL = datetime.max.replace(tzinfo=UTC)
 # The statement's moments, bound per request (see moments): the due ranges start at now, midnight and week_ahead;
 # the weeks at week_0 ... week_11 (week_12: the next Monday); closings are counted between closing_0 ... closing_14,
 # the week starts and the starts of the 7- and 30-day windows in order, so that each range lies in one week (or
@@ -111,31 +111,36 @@ def median_to_close(dialect: str, closed_at, date_created, conditions: list):
     return select(literal("median"), NO_TEXT, NO_USER, func.count(), func.avg(ranked.c.seconds)).where(middle)
 
 
-def counted_between(kind: str, column, bounds: list[str], conditions: list, until: str | None = None):
+def counted_between(kind: str, column, bounds: list[str], conditions: list, until: str | None = None) -> list:
     """Rows (kind, n as text, count) of the tasks ``conditions`` select whose ``column`` lies from the moment
-    ``bounds[n]`` (inclusive) to the next one (exclusive; ``until`` after the last). A COUNT of an index range per
-    bound, in a correlated subquery: several times cheaper than grouping the same rows by a CASE."""
+    ``bounds[n]`` (inclusive) to the next one (exclusive; ``until`` after the last, or no end at all without one,
+    so that a time as late as 9999-12-31T23:59:59.999999Z counts too). A COUNT of an index range per bound, in a
+    correlated subquery: several times cheaper than grouping the same rows by a CASE."""
     starts = [moment(name) for name in bounds]
-    ends = [*starts[1:], moment(until) if until else literal(NO_END, column.type)]
+    ends = [*starts[1:], moment(until)] if until else starts[1:]  # without until, the last start has no end
     ranges = union_all(
         *[
             select(literal(str(n)).label("label"), start.label("since"), end.label("until"))
-            for n, (start, end) in enumerate(zip(starts, ends, strict=True))
+            for n, (start, end) in enumerate(zip(starts[: len(ends)], ends, strict=True))
         ]
     ).subquery(f"{kind}_ranges")
     count = select(func.count()).where(*conditions, column >= ranges.c.since, column < ranges.c.until)
-    return select(literal(kind), ranges.c.label, NO_USER, count.scalar_subquery(), NO_SECONDS)
+    rows = [select(literal(kind), ranges.c.label, NO_USER, count.scalar_subquery(), NO_SECONDS)]
+    if not until:
+        last = select(func.count()).where(*conditions, column >= starts[-1]).scalar_subquery()
+        rows.append(select(literal(kind), literal(str(len(bounds) - 1)), NO_USER, last, NO_SECONDS))
+    return rows
 
 
-def grouped_between(kind: str, column, bounds: list[str], conditions: list, until: str | None = None):
+def grouped_between(kind: str, column, bounds: list[str], conditions: list, until: str | None = None) -> list:
     """The rows of ``counted_between`` from one pass over rows a filter has picked out already, grouped by a CASE
     (where a COUNT per range would redo the filter's work for each range)."""
     label = case(*[(column >= moment(name), str(n)) for n, name in reversed(list(enumerate(bounds)))]).label("label")
-    return (
+    return [
         select(literal(kind), label, NO_USER, func.count(), NO_SECONDS)
         .where(*conditions, column >= moment(bounds[0]), *([column < moment(until)] if until else []))
         .group_by(label)
-    )
+    ]
 
 
 def counts_source(args: dict):
@@ -197,13 +202,13 @@ def dashboard_statement(dialect: str, filters: tuple):
         .where(*where)
         .group_by(counts.contact_person_id, User.full_name)
         .having(total > 0),
-        between("created", tasks.date_created, WEEK[:-1], conditions, until=WEEK[-1]),
+        *between("created", tasks.date_created, WEEK[:-1], conditions, until=WEEK[-1]),
     ]
     if with_due:
-        selects.append(between("due", tasks.task_time, DUE, [*conditions, tasks.status == "open"]))
+        selects += between("due", tasks.task_time, DUE, [*conditions, tasks.status == "open"])
     if with_closed:
         recently = [*closing_conditions, tasks.closed_at >= moment("month_ago")]
-        selects.append(between("closed", tasks.closed_at, CLOSING, closing_conditions))
+        selects += between("closed", tasks.closed_at, CLOSING, closing_conditions)
         selects.append(median_to_close(dialect, tasks.closed_at, tasks.date_created, recently))
     return union_all(*selects)
 
@@ -247,7 +252,7 @@ def dashboard_figures(args: dict | None = None, now: datetime | None = None) -> 
     open_tasks = by_status.get("open", 0)
     today, this_week, later = (figures.get(("due", n), 0) for n in range(len(DUE)))
 
-    def closings(start: datetime, end: datetime = NO_END) -> int:
+    def closings(start: datetime, end: datetime = AFTER_ALL) -> int:
         return sum(figures.get(("closed", n), 0) for n, name in enumerate(CLOSING) if start <= at[name] < end)
 
     return {

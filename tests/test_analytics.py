@@ -244,6 +244,53 @@ def test_figures_at_the_edges_of_days_and_weeks(client, auth_headers, fixed_data
     assert body["weekly"][-1]["week_start"] == (now - now.weekday() * DAY).date().isoformat()
 
 
+# The earliest and the latest times the API accepts, and the "no deadline" dates people type.
+EXTREME_TIMES = [
+    "0001-01-01T00:00:00Z",
+    "0001-01-01T00:00:00.000001Z",
+    "9999-12-30T23:59:59.999999Z",
+    "9999-12-31T00:00:00Z",
+    "9999-12-31T12:00:00Z",
+    "9999-12-31T23:59:59.999999Z",
+]
+
+
+@pytest.mark.parametrize("query", [{}, {"status": "open"}, {"contact_person_id": "ALICE"}, {"entity_name": "abc"}])
+def test_figures_agree_with_a_recount_at_the_earliest_and_latest_times(client, auth_headers, user, other_user, query):
+    """Unfiltered and filtered (the index ranges and the grouped path), a task due as late as the API allows is
+    due later, never overdue; one due at the start of year 1 is overdue."""
+    tasks = []
+    for n, task_time in enumerate(EXTREME_TIMES * 2):
+        body = {"entity_name": "ABC Corporation", "task_type": "Call", "task_time": task_time}
+        body["contact_person_id"] = (user, other_user)[n % 2]["id"]
+        task = client.post("/api/tasks", json=body, headers=auth_headers).get_json()["task"]
+        if n >= len(EXTREME_TIMES):  # the second round, closed
+            path = f"/api/tasks/{task['id']}/status"
+            task = client.patch(path, json={"status": "closed"}, headers=auth_headers).get_json()["task"]
+        tasks.append(task)
+    rows = [
+        {
+            "status": task["status"],
+            "task_type": task["task_type"],
+            "entity_name": task["entity_name"],
+            "contact_person_id": uuid.UUID(task["contact_person"]["id"]),
+            "deleted_at": None,
+            **{
+                name: task[name] and datetime.fromisoformat(task[name])
+                for name in ("date_created", "task_time", "closed_at")
+            },
+        }
+        for task in tasks
+    ]
+    query = {name: user["id"] if value == "ALICE" else value for name, value in query.items()}
+    names = {uuid.UUID(user["id"]): "Alice Adams", uuid.UUID(other_user["id"]): "Bob Brown"}
+
+    body = client.get("/api/analytics/dashboard", query_string=query, headers=auth_headers).get_json()
+
+    assert_dashboard(body, recount(rows, datetime.fromisoformat(body["as_of"]), query, names))
+    assert body["due"]["overdue"] == sum(matches(row, query) for row in rows[:2] if row["status"] == "open")
+
+
 def test_median_of_an_even_number_is_the_mean_of_the_middle_two(app, client, auth_headers, frozen_now):
     now = frozen_now()
     took = [timedelta(hours=1), timedelta(hours=3, microseconds=1), timedelta(days=2), timedelta(days=9)]
