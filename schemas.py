@@ -350,6 +350,18 @@ class TaskSortSchema(TaskFilterSchema):
     sort_order = Text(load_default="desc", validate=OneOf(("asc", "desc")))
 
 
+class ExportQuerySchema(TaskSortSchema):
+    """The CSV export's query string: the list's filters and order, and the file's first bytes."""
+
+    bom = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Start the file with a UTF-8 byte-order mark, so that Excel reads it as UTF-8 "
+            '("Müller & Söhne" rather than mojibake). Off by default, for scripts and other spreadsheets.'
+        },
+    )
+
+
 class TaskQuerySchema(TaskSortSchema):
     """The task list's query string."""
 

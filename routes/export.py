@@ -16,7 +16,7 @@ from models import Task, User, UTCDateTime, db, task_counts, utcnow
 from routes import load_args, require_login, still_working
 from routes.analytics import UNASSIGNED
 from routes.tasks import COUNTED_FILTERS, FILTERS, after_cursor, sort_key, task_filters
-from schemas import FacetQuerySchema, TaskSortSchema
+from schemas import ExportQuerySchema, FacetQuerySchema
 
 bp = Blueprint("task_export", __name__, url_prefix="/api/tasks")
 bp.before_request(require_login)
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Rows per SELECT of the export, each in a transaction of its own: a few milliseconds each, whatever the total.
 BATCH_SIZE = 1000
+# U+FEFF, UTF-8's byte-order mark: how Excel tells a UTF-8 CSV file from one in the system's legacy code page.
+BYTE_ORDER_MARK = "\ufeff"
 # What spreadsheets read as the start of a formula (OWASP's list): such cells get a leading quote.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -124,10 +126,11 @@ def export_batches(args: dict) -> Iterator[list]:
         batch = stmt.where(after_cursor(args, [getattr(last, sort_by), last.id]))  # timestamps as ISO 8601 text
 
 
-def csv_chunks(first: list, rest: Iterator[list]) -> Iterator[str]:
-    """The CSV text, a chunk per batch, the header row with the first. A database failure once the answer has
-    started is logged, and breaks the download off."""
-    buffer = io.StringIO()
+def csv_chunks(first: list, rest: Iterator[list], bom: bool = False) -> Iterator[str]:
+    """The CSV text, a chunk per batch, the header row (after a byte-order mark, with ``bom``) with the first. A
+    database failure once the answer has started is logged, and breaks the download off."""
+    buffer = io.StringIO(BYTE_ORDER_MARK if bom else "")
+    buffer.seek(0, io.SEEK_END)
     writer = csv.writer(buffer)
     writer.writerow(HEADER)
     written = 0
@@ -157,10 +160,11 @@ def export_tasks():
     updated_at, version. People are their full names (and ids); timestamps ISO 8601 with their offset, as the
     JSON API shows them; an empty cell is null. A cell that a spreadsheet would take for a formula (starting
     with =, +, -, @, a tab or a carriage return) starts with a single quote. Streamed, a thousand rows at a
-    time, however many there are; a bad parameter is a 400 before anything is sent.
+    time, however many there are; a bad parameter is a 400 before anything is sent. UTF-8, with a byte-order mark
+    first when ``bom=true`` (for Excel).
     ---
     tags: [tasks]
-    parameters: [{in: query, schema: TaskSortSchema}]
+    parameters: [{in: query, schema: ExportQuerySchema}]
     responses:
       200:
         description: The tasks, as an attachment named tasks-<UTC date>.csv.
@@ -171,10 +175,11 @@ def export_tasks():
         content: {text/csv: {schema: {type: string}}}
       400: {$ref: "#/components/responses/BadRequest"}
     """
-    args = load_args(TaskSortSchema())
+    args = load_args(ExportQuerySchema())
+    bom = args.pop("bom")
     batches = export_batches(args)
     first = next(batches)  # here, so that a database out of reach is still a 503, not a 200 cut short
-    response = Response(stream_with_context(csv_chunks(first, batches)), mimetype="text/csv")
+    response = Response(stream_with_context(csv_chunks(first, batches, bom)), mimetype="text/csv")
     response.headers["Content-Disposition"] = f'attachment; filename="tasks-{utcnow().date().isoformat()}.csv"'
     response.headers["Cache-Control"] = "no-store"
     return response

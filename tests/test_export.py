@@ -122,6 +122,31 @@ def test_export_of_no_tasks_is_the_header_alone(client, auth_headers, make_task)
     assert response.get_data(as_text=True) == ",".join(HEADER) + "\r\n"
 
 
+@pytest.mark.parametrize("bom", ["true", "1", "yes"])
+def test_export_for_excel_starts_with_a_byte_order_mark(client, auth_headers, make_task, bom):
+    make_task(entity_name="Müller & Söhne", note="Zürich, naïve café")
+
+    response = client.get(f"/api/tasks/export.csv?bom={bom}&status=open", headers=auth_headers)
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/csv; charset=utf-8"
+    data = response.get_data()
+    assert data.startswith(b"\xef\xbb\xbf" + ",".join(HEADER).encode() + b"\r\n")
+    rows = read_csv(data.decode("utf-8-sig"))  # what Excel reads: UTF-8, the mark dropped
+    assert rows[1][HEADER.index("entity_name")] == "Müller & Söhne"
+    assert rows[1][HEADER.index("note")] == "Zürich, naïve café"
+
+
+@pytest.mark.parametrize("query", ["", "?bom=false", "?bom=0"])
+def test_export_has_no_byte_order_mark_unless_asked(client, auth_headers, make_task, query):
+    make_task(entity_name="Müller & Söhne")
+
+    data = client.get(f"/api/tasks/export.csv{query}", headers=auth_headers).get_data()
+
+    assert data.startswith(",".join(HEADER).encode())
+    assert "Müller & Söhne".encode() in data
+
+
 @pytest.fixture
 def varied_tasks(make_task, user, other_user) -> None:
     """Tasks that each filter tells apart, in batches of 2 (so filters hold across batches)."""
@@ -239,6 +264,8 @@ def test_export_leaves_other_cells_as_they_are(client, auth_headers, make_task, 
         ("cursor=abc", "cursor"),
         ("colour=red", "colour"),
         ("status=open&status=closed", "status"),
+        ("bom=maybe", "bom"),
+        ("bom=true&bom=false", "bom"),
     ],
 )
 def test_export_rejects_bad_parameters_before_it_starts(client, auth_headers, make_task, query, parameter):
