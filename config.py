@@ -261,6 +261,9 @@ class Config:
         self.RATELIMIT_LOGIN_FAILURES = parse_limits(
             "RATELIMIT_LOGIN_FAILURES", env("RATELIMIT_LOGIN_FAILURES", "5 per 15 minutes")
         )
+        self.RATELIMIT_LOGIN_FAILURES_ACCOUNT = parse_limits(
+            "RATELIMIT_LOGIN_FAILURES_ACCOUNT", env("RATELIMIT_LOGIN_FAILURES_ACCOUNT", "100 per hour")
+        )
         self.RATELIMIT_REGISTER = parse_limits("RATELIMIT_REGISTER", env("RATELIMIT_REGISTER", "10 per minute"))
         self.RATELIMIT_REFRESH = parse_limits("RATELIMIT_REFRESH", env("RATELIMIT_REFRESH", "10 per minute"))
         self.RATELIMIT_KEY_PREFIX = env("RATELIMIT_KEY_PREFIX", "finstack")

@@ -1,6 +1,9 @@
 """One error shape for everything that can go wrong: ``{"error": sentence, "details": {...}}``."""
 
+import math
 import sqlite3
+import time
+from datetime import datetime
 from functools import partial
 
 from flask import Flask, current_app, g, jsonify, request
@@ -39,10 +42,38 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class RateLimited(APIError):
+    """A 429. Every one has the same details, ``{"retry_after": seconds, "limit": "5 per 15 minutes"}``, and
+    ``Retry-After`` with the same seconds, whichever limit it comes from."""
+
+    def __init__(self, message: str, retry_after: float, limit: str):
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(message, 429, {"retry_after": seconds, "limit": limit}, {"Retry-After": str(seconds)})
+
+
+def describe_limit(item) -> str:
+    """A rate limit item (``limits``) as people write it: "5 per 15 minutes", "10 per minute", "100 per hour"."""
+    seconds = item.get_expiry()
+    for name, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{item.amount} per {name}" if count == 1 else f"{item.amount} per {count} {name}s"
+    return f"{item.amount} per {seconds} seconds"  # not reached: every item is a whole number of seconds
+
+
+def seconds_until(retry_after) -> float:
+    """Werkzeug's ``TooManyRequests.retry_after`` (seconds, a datetime or nothing) as seconds from now."""
+    if isinstance(retry_after, datetime):
+        return retry_after.timestamp() - time.time()
+    return retry_after or 1
+
+
 def error_response(message: str, status: int, details: dict | None = None, headers: dict | None = None):
     response = jsonify(error=message, details=details or {})
     response.status_code = status
     response.headers.update(headers or {})
+    if status == 429:  # the limiter rewrites Retry-After after this; limits.retry_after_only_when_due restores it
+        g.retry_after = response.headers.get("Retry-After")
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="FinStack Tasks"'  # RFC 6750
     return response
@@ -104,7 +135,6 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RateLimitExceeded)
     def handle_rate_limited(error: RateLimitExceeded):
-        # Retry-After and X-RateLimit-* are added by the limiter after this; the message is for people.
         current_app.logger.warning(
             "Rate limit %s exceeded on %s %s from %s",
             error.limit.limit,
@@ -115,14 +145,20 @@ def register_error_handlers(app: Flask) -> None:
         message = (
             error.description if error.limit.error_message else "Too many requests: slow down and try again later."
         )
-        return error_response(message, 429, {"limit": str(error.limit.limit)})
+        limiter = current_app.extensions.get("rate_limiter")
+        breached = limiter.current_limit if limiter else None
+        retry_after = breached.window.reset_time - time.time() if breached else error.limit.limit.get_expiry()
+        return handle_api_error(RateLimited(message, retry_after, describe_limit(error.limit.limit)))
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error: HTTPException):
         default = type(error).description
         message = HTTP_MESSAGES.get(error.code) if error.description == default else None
+        if error.code == 429:  # raised by hand rather than by a limiter: still the one shape of a 429
+            message = "Too many requests: slow down and try again later."
+            return handle_api_error(RateLimited(message, seconds_until(error.retry_after), "unspecified"))
         response = error_response(message or error.description or error.name, error.code)
-        for name, value in error.get_headers():  # keeps Allow on 405, Retry-After on 429
+        for name, value in error.get_headers():  # keeps Allow on 405
             if name.lower() != "content-type":
                 response.headers[name] = value
         return response
