@@ -6,11 +6,11 @@ import re
 import uuid
 
 import pytest
+from documentation import documentation_files
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
 
-from helpers import ROOT
 from routes.docs import NOT_DESCRIBED, openapi_path
 
 METHODS = {"get", "put", "post", "patch", "delete"}
@@ -138,9 +138,14 @@ CURL_WITH_BODY = re.compile(
 )
 
 
-def readme_requests() -> list[tuple[str, str, dict]]:
-    """The README's curl calls that send a JSON body and expect success: (method, path, body)."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+def documented_text() -> str:
+    """README.md and docs/*.md, one after the other."""
+    return "\n".join(path.read_text() for path in documentation_files())
+
+
+def documented_requests() -> list[tuple[str, str, dict]]:
+    """The documentation's curl calls that send a JSON body and expect success: (method, path, body)."""
+    text = documented_text().replace("\\\n", " ")
     found = []
     for line in text.splitlines():
         command = re.search(CURL_WITH_BODY, line)
@@ -163,9 +168,9 @@ def template_for(document: dict, path: str) -> str:
     raise AssertionError(f"{path} is not in the document")
 
 
-def test_the_readme_examples_are_valid_requests_by_the_document(document):
+def test_the_documented_examples_are_valid_requests_by_the_document(document):
     registry = Registry().with_resource("urn:api", Resource.opaque(document))
-    requests = readme_requests()
+    requests = documented_requests()
 
     assert len(requests) >= 10
     for method, path, body in requests:
@@ -174,16 +179,16 @@ def test_the_readme_examples_are_valid_requests_by_the_document(document):
         assert not list(validator.iter_errors(body)), (method, path, body)
 
 
-def test_the_examples_in_the_document_are_the_readme_s(document):
+def test_the_examples_in_the_document_are_the_documentation_s(document):
     schemas = document["components"]["schemas"]
 
     assert schemas["Task"]["properties"]["entity_name"]["example"] == "ABC Corporation"
     assert schemas["Login"]["properties"]["username"]["example"] == "admin"
-    readme = (ROOT / "README.md").read_text()
+    documentation = documented_text()
     for schema in schemas.values():
         for field in schema.get("properties", {}).values():
             if isinstance(field.get("example"), str) and field["example"]:
-                assert field["example"] in readme, field
+                assert field["example"] in documentation, field
 
 
 def test_docs_page_is_swagger_ui_from_local_assets(client):
