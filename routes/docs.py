@@ -50,7 +50,7 @@ ERRORS = {
     412: ("PreconditionFailed", "If-Match names another version: details.task is the task as it is now."),
     413: ("PayloadTooLarge", "The request body is over 1 MB."),
     422: ("KeyReused", "This Idempotency-Key was used for another request in the last 24 hours."),
-    429: ("TooManyRequests", "Rate limited: wait for Retry-After seconds."),
+    429: ("TooManyRequests", "Rate limited: wait for Retry-After seconds (details: retry_after, the same, and limit)."),
     503: ("Unavailable", "The database is unavailable or busy: try again shortly."),
 }
 ERROR_HEADERS = {
