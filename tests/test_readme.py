@@ -37,6 +37,7 @@ def check_api(output: str) -> None:
         assert expected in output.replace(": ", ":"), expected
     assert '"median_seconds_to_close"' in output and '"entity_names_total":2' in flat(output)
     assert "id,date_created,entity_name,task_type" in output  # the CSV file's header
+    assert " ef bb bf\n" in output  # the file for Excel starts with a byte-order mark
     assert '"page":2,"pages":2' in flat(output)  # the page after the cursor
     assert output.count('"refresh_token":') == 2  # registration and the refresh by body print theirs
     first, retry = re.search(r"^first (\S+)\nretry (\S+)$", output, re.MULTILINE).groups()
