@@ -1,4 +1,4 @@
-"""The benchmark's reports: bench/results.md, its chart, the README's table and bench/workers.md.
+"""The benchmark's reports: bench/results.md, its chart, the table in docs/performance.md and bench/workers.md.
 
 bench/results.md also carries the summary of the latest `make soak` (bench/soak.py): the part of bench/soak.md
 between its soak markers, copied in whenever either program writes the file.
@@ -9,7 +9,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 NOTES = BENCH / "notes.md"
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 SOAK = BENCH / "soak.md"
 SOAK_START, SOAK_END = "<!-- soak:start -->", "<!-- soak:end -->"
 SOAK_HEADING = "## Soak test (`make soak`)"
@@ -383,13 +383,13 @@ def chart(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def readme_section(results: dict) -> str:
+def table_section(results: dict) -> str:
     meta, big = results["meta"], largest(results)
     lines = [
         f"Latest `make bench`: {big['size']:,} tasks on PostgreSQL {meta['postgres']['server_version']}, one client, "
         f"{meta['cpus']} cores, gunicorn {meta['gunicorn'].get('workers', '?')} x "
         f"{meta['gunicorn'].get('worker_class', '?')}; {meta['date']}, commit {meta['commit']}. "
-        "Full report, other sizes and the SQL behind each number: [bench/results.md](bench/results.md).",
+        "Full report, other sizes and the SQL behind each number: [bench/results.md](../bench/results.md).",
         "",
         "| Scenario | req/s | p50 ms | p95 ms | p99 ms | SQL ms | Target p50 |",
         "|---|--:|--:|--:|--:|--:|---|",
@@ -408,15 +408,15 @@ def readme_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, section: str) -> bool:
-    """Replace what stands between the README's bench markers; say so when there are none."""
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+def update_table(page: Path, section: str) -> bool:
+    """Replace what stands between the page's bench markers; say so when there are none."""
+    text = page.read_text()
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
     if start < 0 or end < start:
-        print(f"README.md has no {README_START} ... {README_END} markers: its table was not updated.")
+        print(f"{page.name} has no {TABLE_START} ... {TABLE_END} markers: its table was not updated.")
         return False
-    readme.write_text(text[: start + len(README_START)] + "\n" + section + "\n" + text[end:])
-    print("Updated the benchmark table in README.md.")
+    page.write_text(text[: start + len(TABLE_START)] + "\n" + section + "\n" + text[end:])
+    print(f"Updated the benchmark table in {page.name}.")
     return True
 
 

@@ -1,5 +1,5 @@
 """`make bench`: seed PostgreSQL, serve the app with gunicorn on 127.0.0.1, drive a bounded load with wrk, and
-write bench/results.md and bench/results.png (and the README's table between its bench markers).
+write bench/results.md and bench/results.png (and the table between the bench markers of docs/performance.md).
 
     .venv/bin/python bench/run.py                        # 100k and 1M tasks, about 12 minutes
     .venv/bin/python bench/run.py --quick                # 2,000 tasks, 1 s per scenario: a smoke run (bench/out/)
@@ -772,7 +772,7 @@ def write_reports(args, results: dict) -> None:
     report.chart(results, folder / f"{stem}.png")
     log(f"Wrote {(folder / f'{stem}.md').relative_to(ROOT)} and {stem}.png")
     if not args.quick:
-        report.update_readme(ROOT / "README.md", report.readme_section(results))
+        report.update_table(ROOT / "docs" / "performance.md", report.table_section(results))
 
 
 def clean_up(args, database: Database, app: App) -> None:
