@@ -1,7 +1,8 @@
 """FinStack Tasks: the application factory, and the WSGI ``app`` for ``gunicorn app:app`` and ``flask``."""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import click
 from dotenv import load_dotenv
@@ -21,7 +22,7 @@ from commands import (
     purge_tokens_command,
     seed_demo_command,
 )
-from config import Config, check_production_settings, parse_flag, resolve_secrets
+from config import Config, ConfigError, check_production_settings, parse_flag, resolve_secrets
 from models import db
 from routes import analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
@@ -114,18 +115,32 @@ def __getattr__(name: str):
     # and tools can import create_app without building the development app and its database.
     if name == "app":
         load_env_file()
-        application = create_app()
-        if serving():
-            prepare_database(application)
+        with configuration_errors_as_one_line(gunicorn_reports_them=True):
+            application = create_app()
+            if serving():
+                prepare_database(application)
         globals()["app"] = application
         return application
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+@contextmanager
+def configuration_errors_as_one_line(gunicorn_reports_them: bool = False) -> Iterator[None]:
+    """A configuration error stops the process with "Error: <what to change>" on stderr and exit status 1, as
+    gunicorn reports it, rather than a traceback: in every `flask` command and in `python app.py`."""
+    try:
+        yield
+    except ConfigError as error:
+        if gunicorn_reports_them and click.get_current_context(silent=True) is None:
+            raise  # gunicorn (or another importer): it prints "Error: ..." and exits 1 itself
+        raise SystemExit(f"Error: {error}") from None
+
+
 if __name__ == "__main__":
     load_env_file()
-    application = create_app()
-    prepare_database(application)
+    with configuration_errors_as_one_line():
+        application = create_app()
+        prepare_database(application)
     application.run(
         host=application.config["HOST"],
         port=application.config["PORT"],

@@ -48,7 +48,11 @@ def schema_exists() -> bool:
 @click.option("--password", envvar="ADMIN_PASSWORD", prompt=True, hide_input=True, confirmation_prompt=True)
 @with_appcontext
 def create_admin_command(username: str | None, email: str | None, full_name: str, password: str) -> None:
-    """Create an administrator account (asks for the password unless ADMIN_PASSWORD is set)."""
+    """Create an administrator account (asks for the password unless ADMIN_PASSWORD is set).
+
+    The password follows the rules of every account; in production well-known ones (admin123, password123) are
+    refused, as they are for ADMIN_PASSWORD.
+    """
     config = current_app.config
     try:
         data = admin_fields(username or config["ADMIN_USERNAME"], email or config["ADMIN_EMAIL"], password, full_name)
@@ -251,7 +255,13 @@ def seed_demo_command(user_count: int, task_count: int, force: bool, seed: int |
     """Fill the database with demo users and tasks (adds to earlier demo data; refuses a database with other data).
 
     Demo accounts demo0001, demo0002, ... share the password demo-password; demo0001 is an administrator.
+    Refused in production (APP_ENV or FLASK_ENV=production).
     """
+    if current_app.config["APP_ENV"] == "production":
+        raise click.ClickException(
+            f"seed-demo does not run in production: it makes an administrator, demo0001, whose password "
+            f"({DEMO_PASSWORD!r}) is published. Seed a development database (APP_ENV=development) instead."
+        )
     if not schema_exists():
         raise click.ClickException("The database has no tables yet: run `flask db upgrade` first.")
     if not force:

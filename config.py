@@ -27,9 +27,16 @@ WELL_KNOWN_SECRETS = frozenset(
     {"changeme", "change-me", "change_me", "secret", "secret-key", "dev", "development", "test", "password"}
 )
 WELL_KNOWN_SECRET_WORDS = ("change-me", "changeme", "change_me", "replace-me", "your-secret", "example", "test-")
+MIN_PASSWORD_LENGTH, MAX_PASSWORD_LENGTH = 8, 128
+# Passwords (and, with digits or symbols added at the end, "password123", "Admin@2024") that lists of leaked and
+# default passwords, tutorials and this project's own files publish: refused in production for every account.
 WELL_KNOWN_PASSWORDS = frozenset(
-    {DEFAULT_ADMIN_PASSWORD, "password", "password1", "admin", "administrator", "changeme"}
-)
+    {DEFAULT_ADMIN_PASSWORD, "demo-password", "password", "passw0rd", "p@ssw0rd", "p@ssword", "admin",
+     "administrator", "changeme", "change-me", "change_me", "letmein", "welcome", "qwerty", "qwertyuiop", "qwertz",
+     "azerty", "asdfghjkl", "iloveyou", "trustno1", "secret", "finstack", "monkey", "dragon", "football", "baseball",
+     "sunshine", "princess", "superman", "master", "login", "default", "guest", "root", "test", "user", "abc",
+     "abcdef", "abcd1234", "123456", "12345678", "123456789", "1234567890", "0987654321", "87654321"}
+)  # fmt: skip
 # Werkzeug method for new password hashes: OWASP's PBKDF2-HMAC-SHA256 minimum. Measured here per login:
 # 144 ms and no extra memory, where scrypt N=2^17 takes 377 ms and 128 MiB (README, "Password storage").
 DEFAULT_PASSWORD_HASH_METHOD = "pbkdf2:sha256:600000"
@@ -39,6 +46,9 @@ OWASP_SCRYPT_N_P = ((2**17, 1), (2**16, 2), (2**15, 3), (2**14, 5), (2**13, 10))
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
 APP_ENVS = ("development", "production")
+# Who may create an account with POST /api/auth/register (administrators always can, with POST /api/users).
+REGISTRATION_MODES = ("open", "domain", "closed")
+DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 # An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
 ORIGIN = re.compile(
     r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.-]*://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
@@ -198,6 +208,74 @@ def parse_flag(name: str, value: str | None, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, not {value!r}.")
 
 
+def app_environment(app_env: str | None, flask_env: str | None) -> str:
+    """development or production, from APP_ENV or else FLASK_ENV (Flask's old name, which older guides and the
+    seed README tell Render users to set). Both set to different values is refused: either may be the mistake."""
+    for name, value in (("APP_ENV", app_env), ("FLASK_ENV", flask_env)):
+        if value is not None and value not in APP_ENVS:
+            raise ConfigError(f"{name} must be {' or '.join(APP_ENVS)}, not {value!r}.")
+    if app_env and flask_env and app_env != flask_env:
+        raise ConfigError(
+            f"APP_ENV={app_env} and FLASK_ENV={flask_env} disagree: set APP_ENV only (FLASK_ENV is its old name), "
+            "or both to the same value."
+        )
+    return app_env or flask_env or "development"
+
+
+def debug_flag(value: str | None) -> bool:
+    """FLASK_DEBUG as Flask reads it: on unless empty, 0, false or no."""
+    return bool(value) and value.strip().lower() not in ("0", "false", "no")
+
+
+def parse_domains(value: str | None) -> tuple[str, ...]:
+    """ALLOWED_EMAIL_DOMAINS: comma-separated domains, in lower case (``@example.com`` is taken as example.com)."""
+    domains = tuple(dict.fromkeys(d.strip().lower().removeprefix("@") for d in (value or "").split(",") if d.strip()))
+    for domain in domains:
+        if not DOMAIN.fullmatch(domain):
+            raise ConfigError(
+                f"ALLOWED_EMAIL_DOMAINS must list domains such as example.com (each subdomain by its full name, no "
+                f"wildcards), not {domain!r}."
+            )
+    return domains
+
+
+def parse_registration(value: str | None, domains: tuple[str, ...], production: bool) -> str:
+    """REGISTRATION: open, domain (with ALLOWED_EMAIL_DOMAINS) or closed; closed in production unless set."""
+    mode = (value or ("closed" if production else "open")).strip().lower()
+    if mode not in REGISTRATION_MODES:
+        raise ConfigError(f"REGISTRATION must be {', '.join(REGISTRATION_MODES)}, not {value!r}.")
+    if mode == "domain" and not domains:
+        raise ConfigError("ALLOWED_EMAIL_DOMAINS must list the accepted email domains when REGISTRATION=domain.")
+    if mode != "domain" and domains:
+        raise ConfigError(
+            f"ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is {mode}{'' if value else ' (the default)'}: set "
+            "REGISTRATION=domain to accept only those domains, or remove ALLOWED_EMAIL_DOMAINS."
+        )
+    return mode
+
+
+def password_problem(password: str, username: str | None, email: str | None, production: bool) -> str | None:
+    """What is wrong with a password for this account, or None: the one rule for every password an account gets
+    (registration, POST /api/users, a change, `flask create-admin`, ADMIN_PASSWORD). 8 to 128 characters, not the
+    account's own username or email, and in production not a well-known password."""
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        return f"Length must be between {MIN_PASSWORD_LENGTH} and {MAX_PASSWORD_LENGTH}."
+    lowered = password.strip().lower()
+    if lowered in {username, email, (email or "").partition("@")[0]} - {None, ""}:
+        return "Must not be your username or email address."
+    if production and well_known_password(lowered):
+        return (
+            f"Must not be a well-known password such as {DEFAULT_ADMIN_PASSWORD!r} or 'password123': "
+            "choose a passphrase of your own."
+        )
+    return None
+
+
+def well_known_password(lowered: str) -> bool:
+    base = re.sub(r"[\W\d_]+$", "", lowered)  # "password123!" -> "password"
+    return lowered in WELL_KNOWN_PASSWORDS or base in WELL_KNOWN_PASSWORDS or len(set(lowered)) < 4
+
+
 class Config:
     """Every setting the app reads, taken from ``environ`` (the process environment by default)."""
 
@@ -205,10 +283,13 @@ class Config:
         def env(name, default=None):
             return environ.get(name) or default
 
-        self.APP_ENV = env("APP_ENV", "development")
-        if self.APP_ENV not in APP_ENVS:
-            raise ConfigError(f"APP_ENV must be {' or '.join(APP_ENVS)}, not {self.APP_ENV!r}.")
+        self.APP_ENV = app_environment(env("APP_ENV"), env("FLASK_ENV"))
         production = self.APP_ENV == "production"
+        if production and debug_flag(env("FLASK_DEBUG")):
+            raise ConfigError(
+                "FLASK_DEBUG must be off in production: the debugger runs any code a visitor sends it. "
+                "Remove FLASK_DEBUG (or set it to 0)."
+            )
 
         self.SQLALCHEMY_DATABASE_URI = checked_database_url(
             env("DATABASE_URL", "sqlite:///finstack.db")  # relative SQLite paths live in the instance folder
@@ -247,6 +328,9 @@ class Config:
         self.ADMIN_EMAIL = env("ADMIN_EMAIL", "admin@finstack.com")
         self.ADMIN_PASSWORD = env("ADMIN_PASSWORD", None if production else DEFAULT_ADMIN_PASSWORD)
 
+        self.ALLOWED_EMAIL_DOMAINS = parse_domains(env("ALLOWED_EMAIL_DOMAINS"))
+        self.REGISTRATION = parse_registration(env("REGISTRATION"), self.ALLOWED_EMAIL_DOMAINS, production)
+
         self.CORS_ORIGINS = parse_origins(env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS))
         self.MAX_CONTENT_LENGTH = 1024 * 1024
         # Render's load balancer adds one X-Forwarded-For hop; trust exactly that many, so clients cannot spoof it.
@@ -262,7 +346,7 @@ class Config:
             "RATELIMIT_LOGIN_FAILURES", env("RATELIMIT_LOGIN_FAILURES", "5 per 15 minutes")
         )
         self.RATELIMIT_LOGIN_FAILURES_ACCOUNT = parse_limits(
-            "RATELIMIT_LOGIN_FAILURES_ACCOUNT", env("RATELIMIT_LOGIN_FAILURES_ACCOUNT", "100 per hour")
+            "RATELIMIT_LOGIN_FAILURES_ACCOUNT", env("RATELIMIT_LOGIN_FAILURES_ACCOUNT", "100 per hour; 500 per day")
         )
         self.RATELIMIT_REGISTER = parse_limits("RATELIMIT_REGISTER", env("RATELIMIT_REGISTER", "10 per minute"))
         self.RATELIMIT_REFRESH = parse_limits("RATELIMIT_REFRESH", env("RATELIMIT_REFRESH", "10 per minute"))
@@ -315,10 +399,11 @@ def check_production_settings(config: Mapping) -> None:
     if config["APP_ENV"] != "production":
         return
     password = config.get("ADMIN_PASSWORD")
-    if password and password.lower() in WELL_KNOWN_PASSWORDS:
-        raise ConfigError(
-            f"ADMIN_PASSWORD must not be a well-known password such as {DEFAULT_ADMIN_PASSWORD!r} in production."
-        )
+    problem = password and password_problem(
+        password, config.get("ADMIN_USERNAME", "").lower(), config.get("ADMIN_EMAIL", "").lower(), production=True
+    )
+    if problem:
+        raise ConfigError(f"ADMIN_PASSWORD: {problem}")
     if not meets_owasp_minimum(config["PASSWORD_HASH_METHOD"]):
         raise ConfigError(
             f"PASSWORD_HASH_METHOD {config['PASSWORD_HASH_METHOD']!r} is below the OWASP minimums: use "

@@ -4,9 +4,11 @@ from contextlib import suppress
 from contextvars import ContextVar
 from datetime import UTC, date, datetime, time, timedelta
 
+from flask import current_app, has_app_context
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
+from config import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
 from models import TASK_EVENT_ACTIONS, TASK_STATUSES
 
 SORTABLE_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
@@ -147,14 +149,18 @@ class Phone(Trimmed):
 
 
 def password_field(**kwargs) -> Text:
-    return Text(required=True, load_only=True, validate=Length(min=8, max=128), **kwargs)
+    return Text(
+        required=True, load_only=True, validate=Length(min=MIN_PASSWORD_LENGTH, max=MAX_PASSWORD_LENGTH), **kwargs
+    )
 
 
 def check_password_policy(password: str, username: str | None, email: str | None, field: str = "password") -> None:
-    """8 to 128 characters (checked by the field), and not the account's own username or email."""
-    lowered = password.strip().lower()
-    if lowered in {username, email, (email or "").partition("@")[0]} - {None, ""}:
-        raise ValidationError("Must not be your username or email address.", field)
+    """The password rule (config.password_problem) for this account; well-known passwords are refused when the
+    app at hand runs in production."""
+    production = has_app_context() and current_app.config.get("APP_ENV") == "production"
+    problem = password_problem(password, username, email, production)
+    if problem:
+        raise ValidationError(problem, field)
 
 
 class UserSchema(Schema):
@@ -197,6 +203,12 @@ class RegisterSchema(Schema):
     def password_is_not_the_name(self, data, **kwargs):
         if "password" in data:
             check_password_policy(data["password"], data.get("username"), data.get("email"))
+
+
+class UserCreateSchema(RegisterSchema):
+    """What an administrator sends to create an account with ``POST /api/users``."""
+
+    is_admin = JSONBoolean(load_default=False)
 
 
 class LoginSchema(Schema):

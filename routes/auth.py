@@ -201,17 +201,42 @@ def presented_refresh_token() -> str:
     )
 
 
+def check_registration_allowed(email: str | None = None) -> None:
+    """Refuse (403) a registration that REGISTRATION does not allow: all of them when closed, and in domain mode an
+    address whose domain (after the last @, in any case) is not in ALLOWED_EMAIL_DOMAINS. With no ``email`` yet,
+    only whether registration is closed."""
+    mode = current_app.config["REGISTRATION"]
+    if mode == "closed":
+        raise APIError("Registration is closed: ask an administrator to create your account.", 403)
+    if mode == "domain" and email is not None:
+        domains = current_app.config["ALLOWED_EMAIL_DOMAINS"]
+        if email.rpartition("@")[2].lower() not in domains:
+            accepted = ", ".join(f"@{domain}" for domain in domains)
+            raise APIError(
+                f"Registration is open only to email addresses at {accepted}: use one, or ask an administrator "
+                "to create your account.",
+                403,
+                {"email": [f"Use an address at {accepted}."]},
+            )
+
+
 @bp.post("/register")
 def register():
-    """Create an account and log it in.
+    """Create an account and log it in, as far as REGISTRATION allows (see the 403).
     ---
     security: []
     requestBody: {required: true, content: {application/json: {schema: RegisterSchema}}}
     responses:
       201: {description: The account and a new session's tokens., content: {application/json: {schema: SessionSchema}}}
+      403:
+        description: Registration is closed (REGISTRATION=closed), or the email's domain is not one of
+          ALLOWED_EMAIL_DOMAINS (REGISTRATION=domain; details.email names the accepted domains).
+        content: {application/json: {schema: ErrorSchema}}
       409: {$ref: "#/components/responses/Conflict"}
     """
+    check_registration_allowed()
     data = load_json(RegisterSchema())
+    check_registration_allowed(data["email"])
     user = create_user(**data)
     try:
         db.session.flush()

@@ -9,9 +9,9 @@ from sqlalchemy.exc import IntegrityError
 
 from models import LoginSession, User, db
 from routes import load_args, load_json, no_store, require_login
-from routes.auth import end_sessions
+from routes.auth import create_user, duplicate_user, end_sessions
 from routes.errors import APIError
-from schemas import ProfileSchema, UserAdminSchema, UserQuerySchema, UserSchema
+from schemas import ProfileSchema, UserAdminSchema, UserCreateSchema, UserQuerySchema, UserSchema
 
 bp = Blueprint("users", __name__, url_prefix="/api/users")
 bp.before_request(require_login)
@@ -41,6 +41,30 @@ def list_users():
     else:
         stmt = stmt.where(User.is_active)
     return {"users": user_schema.dump(db.session.scalars(stmt), many=True)}
+
+
+@bp.post("")
+def create_account():
+    """Administrators create an account for someone, whatever REGISTRATION says; no one is signed in by it.
+
+    The same rules as a registration apply (and give the same 400 and 409 answers); ``is_admin`` defaults to
+    false. The new user signs in with ``POST /api/auth/login``.
+    ---
+    requestBody: {required: true, content: {application/json: {schema: UserCreateSchema}}}
+    responses:
+      201: {description: The account created., content: {application/json: {schema: UserUpdatedSchema}}}
+      403: {$ref: "#/components/responses/Forbidden"}
+      409: {$ref: "#/components/responses/Conflict"}
+    """
+    require_admin()
+    data = load_json(UserCreateSchema())
+    user = create_user(**data)
+    try:
+        db.session.commit()
+    except IntegrityError:
+        db.session.rollback()  # the unique constraints decide, as at registration
+        raise duplicate_user(data["username"], data["email"]) from None
+    return {"message": "User created.", "user": user_schema.dump(user)}, 201
 
 
 @bp.get("/me")

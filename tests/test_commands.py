@@ -260,6 +260,55 @@ def test_flask_create_admin_in_production_as_the_readme_says(environment, fresh_
     assert database_users(fresh_database_url) == ["ops"]
 
 
+@pytest.fixture
+def production(environment, fresh_database_url) -> dict:
+    """A migrated production database, as a deployment has it before its first administrator."""
+    production = environment | PRODUCTION
+    assert flask("db", "upgrade", env=production).returncode == 0
+    return production
+
+
+@pytest.mark.parametrize("password", ["password123", "Admin@2024"])
+def test_flask_create_admin_in_production_refuses_well_known_passwords(production, fresh_database_url, password):
+    given = flask("create-admin", "--username", "ops", "--password", password, env=production)
+    from_settings = flask("create-admin", env=production | {"ADMIN_USERNAME": "ops", "ADMIN_PASSWORD": password})
+
+    rule = "Must not be a well-known password such as 'admin123' or 'password123'"
+    assert given.returncode == 2 and f"password: {rule}" in given.stderr  # a usage error: what to type instead
+    assert from_settings.returncode == 1  # ADMIN_PASSWORD is checked by the same rule, as the app starts
+    assert from_settings.stderr.strip() == f"Error: ADMIN_PASSWORD: {rule}: choose a passphrase of your own."
+    assert database_users(fresh_database_url) == []
+
+
+def test_flask_create_admin_in_development_keeps_accepting_simple_passwords(environment, fresh_database_url):
+    assert flask("db", "upgrade", env=environment).returncode == 0
+
+    result = flask("create-admin", "--username", "dev", "--password", "password123", env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert database_users(fresh_database_url) == ["dev"]
+
+
+def test_flask_seed_demo_refuses_production(production, fresh_database_url):
+    result = flask("seed-demo", "--users", "2", "--tasks", "10", env=production)
+
+    assert result.returncode == 1
+    assert "seed-demo does not run in production" in result.stderr
+    assert "'demo-password'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert database_users(fresh_database_url) == []
+
+
+def test_flask_seed_demo_refuses_flask_env_production_too(production, fresh_database_url):
+    flask_env = {k: v for k, v in production.items() if k != "APP_ENV"} | {"FLASK_ENV": "production"}
+
+    result = flask("seed-demo", "--users", "2", "--tasks", "10", "--force", env=flask_env)
+
+    assert result.returncode == 1
+    assert "seed-demo does not run in production" in result.stderr
+    assert database_users(fresh_database_url) == []
+
+
 def test_flask_create_admin_before_migrating_says_what_to_do(environment, fresh_database_url):
     result = flask("create-admin", "--password", "long-enough-1", env=environment)
 

@@ -3,6 +3,8 @@
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
@@ -10,7 +12,7 @@ import sqlalchemy as sa
 import app as app_module
 from app import create_app
 from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url
-from helpers import POSTGRES_SERVER, PRODUCTION, ROOT, settings
+from helpers import POSTGRES_SERVER, PRODUCTION, ROOT, free_port, gunicorn, settings
 from models import db
 
 
@@ -237,7 +239,14 @@ def production(tmp_path, **changes) -> dict:
         ({"JWT_SECRET_KEY": "x" * 64}, "JWT_SECRET_KEY looks like a placeholder"),
         ({"JWT_SECRET_KEY": "test-jwt-secret-key-0123456789-0123456789-0123456789"}, "JWT_SECRET_KEY looks like"),
         ({"JWT_SECRET_KEY": PRODUCTION["SECRET_KEY"]}, "must be two different secrets"),
-        ({"ADMIN_PASSWORD": "admin123"}, "ADMIN_PASSWORD must not be a well-known password"),
+        ({"ADMIN_PASSWORD": "admin123"}, "ADMIN_PASSWORD: Must not be a well-known password"),
+        ({"ADMIN_PASSWORD": "password123"}, "ADMIN_PASSWORD: Must not be a well-known password"),
+        ({"ADMIN_PASSWORD": "Admin@2024!"}, "ADMIN_PASSWORD: Must not be a well-known password"),
+        ({"ADMIN_PASSWORD": "demo-password"}, "ADMIN_PASSWORD: Must not be a well-known password"),
+        ({"ADMIN_PASSWORD": "short"}, "ADMIN_PASSWORD: Length must be between 8 and 128"),
+        ({"ADMIN_USERNAME": "operator", "ADMIN_PASSWORD": "Operator"}, "ADMIN_PASSWORD: Must not be your username"),
+        ({"FLASK_DEBUG": "1"}, "FLASK_DEBUG must be off in production"),
+        ({"FLASK_DEBUG": "true"}, "FLASK_DEBUG must be off in production"),
         ({"CORS_ORIGIN": "*"}, "CORS_ORIGIN must not contain a wildcard"),
         ({"CORS_ORIGIN": "https://app.finstack.com,https://*.finstack.com"}, "CORS_ORIGIN must not contain a wildcard"),
         ({"PASSWORD_HASH_METHOD": "scrypt"}, "below the OWASP minimums"),
@@ -260,6 +269,9 @@ def test_production_refuses_unsafe_settings_with_a_clear_message(monkeypatch, tm
         {"PASSWORD_HASH_METHOD": "pbkdf2:sha512:210000"},
         {"RATELIMIT_STORAGE_URI": None, "RATELIMIT_ENABLED": "false"},
         {"ADMIN_PASSWORD": "a-long-and-private-passphrase"},
+        {"ADMIN_PASSWORD": "ops-password-1"},  # a well-known word inside a longer passphrase is fine
+        {"FLASK_DEBUG": "0"},
+        {"FLASK_DEBUG": "false"},
     ],
 )
 def test_production_accepts_safe_alternatives(monkeypatch, tmp_path, changes):
@@ -307,3 +319,149 @@ def test_limits_and_proxies_have_documented_defaults():
     assert (config.RATELIMIT_ENABLED, config.RATELIMIT_STORAGE_URI) == (True, "memory://")
     assert (config.RATELIMIT_LOGIN, config.RATELIMIT_LOGIN_FAILURES) == ("10 per minute", "5 per 15 minutes")
     assert config.TRUSTED_PROXY_COUNT == 0
+
+
+def test_flask_env_production_means_production_when_app_env_is_unset():
+    config = Config({"FLASK_ENV": "production"})
+
+    assert config.APP_ENV == "production"
+    assert (config.AUTO_MIGRATE, config.ADMIN_PASSWORD, config.REGISTRATION) == (False, None, "closed")
+    assert config.RATELIMIT_STORAGE_URI is None  # so production's checks demand Redis, secrets and a metrics token
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, "development"),
+        ({"FLASK_ENV": "development"}, "development"),
+        ({"APP_ENV": "production"}, "production"),
+        ({"APP_ENV": "production", "FLASK_ENV": "production"}, "production"),
+        ({"APP_ENV": "development", "FLASK_ENV": "development"}, "development"),
+        ({"APP_ENV": "production", "FLASK_ENV": ""}, "production"),  # empty is unset
+    ],
+)
+def test_app_env_and_flask_env_that_agree_choose_the_environment(environment, expected):
+    assert expected == Config(environment).APP_ENV
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        (
+            {"APP_ENV": "development", "FLASK_ENV": "production"},
+            "APP_ENV=development and FLASK_ENV=production disagree",
+        ),
+        (
+            {"APP_ENV": "production", "FLASK_ENV": "development"},
+            "APP_ENV=production and FLASK_ENV=development disagree",
+        ),
+        ({"FLASK_ENV": "prod"}, "FLASK_ENV must be development or production, not 'prod'"),
+        ({"APP_ENV": "staging"}, "APP_ENV must be development or production, not 'staging'"),
+    ],
+)
+def test_app_env_and_flask_env_that_disagree_refuse_to_start(environment, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(environment)
+
+
+def test_flask_debug_is_left_to_flask_in_development():
+    assert Config({"FLASK_DEBUG": "1"}).APP_ENV == "development"
+
+
+@pytest.mark.parametrize(
+    ("environment", "mode", "domains"),
+    [
+        ({}, "open", ()),
+        ({"APP_ENV": "production"}, "closed", ()),
+        ({"FLASK_ENV": "production"}, "closed", ()),
+        ({"APP_ENV": "production", "REGISTRATION": "open"}, "open", ()),
+        ({"REGISTRATION": "closed"}, "closed", ()),
+        (
+            {"REGISTRATION": "Domain", "ALLOWED_EMAIL_DOMAINS": " Example.com, @corp.example.org,example.com"},
+            "domain",
+            ("example.com", "corp.example.org"),
+        ),
+    ],
+)
+def test_registration_is_open_in_development_and_closed_in_production_unless_set(environment, mode, domains):
+    config = Config(environment)
+
+    assert (mode, domains) == (config.REGISTRATION, config.ALLOWED_EMAIL_DOMAINS)
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"REGISTRATION": "invite"}, "REGISTRATION must be open, domain, closed, not 'invite'"),
+        ({"REGISTRATION": "domain"}, "ALLOWED_EMAIL_DOMAINS must list the accepted email domains"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": " , "}, "ALLOWED_EMAIL_DOMAINS must list"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "*.example.com"}, "no wildcards"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "bob@example.com"}, "domains such as example.com"),
+        ({"ALLOWED_EMAIL_DOMAINS": "example.com"}, "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is open"),
+        (
+            {"REGISTRATION": "closed", "ALLOWED_EMAIL_DOMAINS": "example.com"},
+            "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is closed",
+        ),
+    ],
+)
+def test_registration_settings_that_cannot_work_are_refused(environment, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(environment)
+
+
+def run_flask(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flask", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def start_gunicorn(env: dict) -> subprocess.CompletedProcess:
+    """gunicorn as the server runs (it exits at once when the app cannot be built, or is stopped after 30 s)."""
+    command = [part.format(port=free_port()) for part in gunicorn("--workers", "1")]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_flask_env_production_alone_makes_the_server_production(environment):
+    """Without secrets neither gunicorn nor `flask` starts, where FLASK_ENV=production used to run as development:
+    migrating by itself, creating admin/admin123 and serving /metrics to anyone."""
+    flask_env = {k: v for k, v in environment.items() if k != "APP_ENV"} | {"FLASK_ENV": "production"}
+
+    served = start_gunicorn(flask_env)
+    routes = run_flask("routes", env=flask_env)
+
+    assert served.returncode == 1
+    assert "Error: SECRET_KEY must be set when APP_ENV=production." in served.stderr.splitlines()
+    assert (routes.returncode, routes.stderr.strip()) == (1, "Error: SECRET_KEY must be set when APP_ENV=production.")
+
+
+def test_app_env_and_flask_env_that_disagree_stop_flask_naming_both(environment):
+    result = run_flask("routes", env=environment | {"APP_ENV": "development", "FLASK_ENV": "production"})
+
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("Error: APP_ENV=development and FLASK_ENV=production disagree")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_configuration_error_stops_any_flask_command_with_the_line_gunicorn_prints(environment):
+    broken = environment | {"APP_ENV": "production"}  # and no secrets
+    served = start_gunicorn(broken)
+    assert served.returncode == 1
+    assert "Error: SECRET_KEY must be set when APP_ENV=production." in served.stderr.splitlines()
+
+    for command in (["db", "upgrade"], ["routes"], ["create-admin", "--password", "x"], ["--help"]):
+        result = run_flask(*command, env=broken)
+
+        assert result.returncode == 1, command
+        assert result.stderr.strip() == "Error: SECRET_KEY must be set when APP_ENV=production.", command
+        assert result.stdout == "", command
+
+
+def test_flask_debug_in_production_stops_python_app_py_in_one_line(environment):
+    production_debug = environment | PRODUCTION | {"FLASK_DEBUG": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "app.py"], cwd=ROOT, env=production_debug, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("Error: FLASK_DEBUG must be off in production")

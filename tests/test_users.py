@@ -188,3 +188,78 @@ def test_account_changes_must_be_json_booleans(client, admin_headers, user, chan
 def test_account_change_of_an_unknown_user_is_404(client, admin_headers):
     assert_error(admin_patch(client, admin_headers, uuid.uuid4(), is_active=False), 404)
     assert_error(admin_patch(client, admin_headers, "not-a-uuid", is_active=False), 404)
+
+
+NEW_ACCOUNT = {
+    "username": "Dave",
+    "email": "Dave@Example.com",
+    "password": "dave-passphrase",
+    "full_name": " Dave Dunn ",
+}
+
+
+def log_in(client, username: str, password: str):
+    return client.post("/api/auth/login", json={"username": username, "password": password})
+
+
+def test_an_admin_creates_an_account_that_can_sign_in(client, admin_headers):
+    response = client.post("/api/users", json=NEW_ACCOUNT, headers=admin_headers)
+
+    assert response.status_code == 201
+    body = response.get_json()
+    assert set(body) == {"message", "user"}  # no tokens: nobody is signed in by it
+    assert set(body["user"]) == PUBLIC_USER_FIELDS
+    assert (body["user"]["username"], body["user"]["email"], body["user"]["full_name"]) == (
+        "dave",
+        "dave@example.com",
+        "Dave Dunn",
+    )
+    assert (body["user"]["is_admin"], body["user"]["is_active"]) == (False, True)
+    assert response.headers["Cache-Control"] == "no-store"
+    login = log_in(client, "dave", "dave-passphrase")
+    assert login.status_code == 200
+    assert login.get_json()["user"] == body["user"]
+
+
+def test_an_admin_creates_another_admin(client, admin_headers):
+    response = client.post("/api/users", json=NEW_ACCOUNT | {"is_admin": True}, headers=admin_headers)
+
+    assert response.status_code == 201
+    assert response.get_json()["user"]["is_admin"] is True
+    token = log_in(client, "dave", "dave-passphrase").get_json()["access_token"]
+    listed = client.get("/api/users?include_inactive=true", headers={"Authorization": f"Bearer {token}"})
+    assert listed.status_code == 200  # administrators only
+
+
+def test_only_an_admin_creates_accounts(client, auth_headers):
+    assert_error(client.post("/api/users", json=NEW_ACCOUNT, headers=auth_headers), 403)
+    assert_error(client.post("/api/users", json=NEW_ACCOUNT), 401)
+
+    assert log_in(client, "dave", "dave-passphrase").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"username": "x"}, "username"),
+        ({"email": "not-an-email"}, "email"),
+        ({"password": "short"}, "password"),
+        ({"password": "dave@example.com"}, "password"),  # the same rules as a registration
+        ({"full_name": ""}, "full_name"),
+        ({"is_admin": "yes"}, "is_admin"),
+        ({"role": "admin"}, "role"),
+    ],
+)
+def test_creating_an_account_validates_like_registration(client, admin_headers, change, field):
+    assert_error(client.post("/api/users", json=NEW_ACCOUNT | change, headers=admin_headers), 400, field)
+
+
+def test_creating_a_taken_username_or_email_is_a_409(client, admin_headers, user):
+    taken = NEW_ACCOUNT | {"username": "ALICE", "email": "alice@example.com"}
+
+    body = assert_error(client.post("/api/users", json=taken, headers=admin_headers), 409, "username", "email")
+
+    assert body["details"] == {
+        "username": ["This username is already taken."],
+        "email": ["This email is already registered."],
+    }
