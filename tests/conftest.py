@@ -1,7 +1,11 @@
-"""Fixtures. Unset TEST_DATABASE_URL: SQLite, a new file per test. Set: that PostgreSQL database,
-each test inside a transaction that is rolled back (the app's commits become savepoints)."""
+"""Fixtures. Unset TEST_DATABASE_URL: SQLite, a new file per test (a copy of one made with the schema). Set: that
+PostgreSQL database, each test inside a transaction that is rolled back (the app's commits become savepoints).
+
+Tests that start processes (every test using ``environment``, so every ``servers`` test) are marked ``slow`` here;
+`make check` leaves the slow ones out."""
 
 import os
+import shutil
 import socket
 import uuid
 from contextlib import contextmanager
@@ -23,6 +27,10 @@ from schemas import TaskSchema
 # Settings the app reads from the environment; tests start from none of them, whatever the shell has.
 APP_ENVIRONMENT = (
     "APP_ENV",
+    "FLASK_ENV",
+    "FLASK_DEBUG",
+    "REGISTRATION",
+    "ALLOWED_EMAIL_DOMAINS",
     "HOST",
     "PORT",
     "DATABASE_URL",
@@ -65,6 +73,15 @@ collect_ignore = [] if POSTGRES_URL else ["test_failure.py"]
 
 def pytest_report_header(config):
     return f"database: {POSTGRES_URL or 'SQLite (a new file per test)'}"
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses ``environment`` starts a process with it (a server, `flask ...`): mark it ``slow``."""
+    for item in items:
+        definitions = item._fixtureinfo.name2fixturedefs.get("environment") if hasattr(item, "_fixtureinfo") else None
+        # the fixture (or a module's own version of it), not a parameter of that name as test_config.py has
+        if definitions and definitions[-1].func.__name__ == "environment":
+            item.add_marker(pytest.mark.slow)
 
 
 def schema_engine() -> sa.Engine:
@@ -161,13 +178,32 @@ def create_schema(connection: sa.Connection) -> None:
     MigrationContext.configure(connection).stamp(MIGRATION_SCRIPTS, "heads")
 
 
+def without_fsync(dbapi_connection, _connection_record):
+    """A test's SQLite file need not survive a power cut: commits skip fsync (milliseconds each on this disk)."""
+    dbapi_connection.execute("PRAGMA synchronous = OFF")
+
+
+@pytest.fixture(scope="session")
+def sqlite_schema(tmp_path_factory):
+    """An SQLite file with the schema, made once: each test's database starts as a copy of it, which costs a
+    fraction of creating the tables, indexes and triggers again."""
+    path = tmp_path_factory.mktemp("schema") / "schema.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        create_schema(connection)
+    engine.dispose()
+    return path
+
+
 @pytest.fixture
 def app(request, tmp_path):
     overrides = app_overrides(request)
     if POSTGRES_URL is None:
+        shutil.copyfile(request.getfixturevalue("sqlite_schema"), tmp_path / "test.db")
         app = create_app(settings(f"sqlite:///{tmp_path / 'test.db'}", tmp_path, **overrides))
-        with app.app_context(), db.engine.begin() as connection:
-            create_schema(connection)
+        with app.app_context():
+            sa.event.listen(db.engine, "connect", without_fsync)
+            db.engine.dispose()  # any connection opened so far goes: each one from now on is set so
         yield app
         with app.app_context():
             db.engine.dispose()

@@ -1,9 +1,11 @@
 """A real browser against the real server: Debian's Chromium, headless, driven by Selenium through Debian's
-chromedriver (`make browser` installs both). Nothing is downloaded at run time."""
+chromedriver (`make test` installs both, through `make browser`). Nothing is downloaded at run time."""
 
+import fcntl
 import functools
 import re
 import shutil
+import tempfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,20 +28,39 @@ ANGULAR_ORIGIN_PORT = 4200  # the Angular dev server's origin, which CORS_ORIGIN
 WAIT = 30
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    """One Chromium for the module's tests: starting it is most of a test's time."""
     if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
         pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed: `make browser` installs Debian's chromium packages.")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_script_timeout(WAIT)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium on a blank page, its console emptied of what earlier tests logged. Nothing else carries
+    over: each test's API and pages are on origins (ports) of their own."""
+    chromium.get("about:blank")
+    chromium.get_log("browser")  # reading the console's messages removes them
+    return chromium
+
+
+@pytest.fixture
+def angular_origin():
+    """The Angular dev server's port, which CORS_ORIGIN allows by default, is one for the whole machine: a run of the
+    suite on the other database (`make test` runs both at once) waits here until this test is done with it."""
+    with (Path(tempfile.gettempdir()) / f"finstack-tests-port-{ANGULAR_ORIGIN_PORT}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield ANGULAR_ORIGIN_PORT
 
 
 @pytest.fixture
@@ -118,8 +139,8 @@ def test_docs_page_authorizes_and_tries_the_task_list(browser, api):
     assert not [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]  # no CSP or load errors
 
 
-def test_a_page_on_the_angular_origin_uses_the_api_through_cors(browser, api, static_site):
-    site = static_site("localhost", ANGULAR_ORIGIN_PORT)
+def test_a_page_on_the_angular_origin_uses_the_api_through_cors(browser, api, angular_origin, static_site):
+    site = static_site("localhost", angular_origin)
 
     results = run_client_page(browser, site, api)
 

@@ -370,6 +370,7 @@ def web_environment(image: Path, database_url: str, redis_prefix: str, home: Pat
 # -- the tests ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts processes
 def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path):
     def lint(path: Path) -> subprocess.CompletedProcess:
         # No configuration file can be found from tmp_path: nothing is silenced by a developer's own.
@@ -437,6 +438,7 @@ def test_the_image_holds_the_app_its_migrations_and_nothing_else():
     assert top_level - {"routes", "migrations"} == {path for path in top_level if path.endswith(".py")}
 
 
+@pytest.mark.slow  # starts processes
 def test_the_images_start_command_migrates_then_serves_and_stops_on_sigterm(
     image, postgres_database, processes, redis_prefix, tmp_path
 ):
@@ -476,6 +478,7 @@ def test_the_images_start_command_migrates_then_serves_and_stops_on_sigterm(
     assert unhealthy.returncode != 0  # the probe does fail once nothing answers
 
 
+@pytest.mark.slow  # starts processes
 def test_the_image_alone_refuses_to_start_and_says_what_is_missing(image, tmp_path):
     environment = image_environment(final_stage(), Path(sys.prefix), image) | {"HOME": str(tmp_path)}
     assert environment.get("APP_ENV") == "production"  # the image fails closed, whatever the platform forgets
@@ -495,6 +498,7 @@ def test_the_image_alone_refuses_to_start_and_says_what_is_missing(image, tmp_pa
     assert not (image / "instance").exists()
 
 
+@pytest.mark.slow  # starts processes
 def test_the_cron_jobs_command_runs_with_the_environment_render_gives_it(image, postgres_database, tmp_path):
     environment = (
         image_environment(final_stage(), Path(sys.prefix), image)

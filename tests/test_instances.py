@@ -21,6 +21,7 @@ def instances(servers, environment, redis_prefix):
         "ADMIN_USERNAME": ADMIN["username"],
         "ADMIN_EMAIL": "ops@finstack.com",
         "ADMIN_PASSWORD": ADMIN["password"],
+        "REGISTRATION": "open",  # the tests sign new accounts up (production's default is closed)
     }
     upgrade = subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=env, capture_output=True)
     assert upgrade.returncode == 0, upgrade.stderr.decode()

@@ -129,7 +129,12 @@ def test_log_format_defaults_to_json_in_production_and_text_in_development():
 
 @pytest.fixture
 def production_environment(environment, redis_prefix) -> dict:
-    return environment | PRODUCTION | {"RATELIMIT_KEY_PREFIX": redis_prefix, "AUTO_MIGRATE": "true"}
+    # open registration: the test signs a new account up (production's default is closed)
+    return (
+        environment
+        | PRODUCTION
+        | {"RATELIMIT_KEY_PREFIX": redis_prefix, "AUTO_MIGRATE": "true", "REGISTRATION": "open"}
+    )
 
 
 def test_served_logs_are_json_lines_without_passwords_or_tokens(servers, production_environment, tmp_path):

@@ -11,6 +11,8 @@ import pytest
 
 from helpers import ROOT, free_port
 
+pytestmark = pytest.mark.slow  # each test runs pytest in a process of its own
+
 
 def run_suite(database_url: str, ci: bool) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k != "CI"} | {"TEST_DATABASE_URL": database_url}
