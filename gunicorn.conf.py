@@ -162,6 +162,7 @@ BUFFERED_BODY = 1024 * 1024 + 1  # the app's MAX_CONTENT_LENGTH (1 MiB), and one
 # and this many bytes, in the event loop, so it costs no thread.
 DRAIN_TIMEOUT = 10
 DRAIN_LIMIT = 64 * 1024 * 1024
+EXPECT_CONTINUE = re.compile(rb"\r\nexpect:[ \t]*100-continue", re.IGNORECASE)
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 # The largest head gunicorn accepts: a longer one is handed on as it is, and gunicorn answers 414 or 431.
 MAX_HEAD = 4096 + 100 * 8192 + 4
@@ -275,6 +276,8 @@ class BufferingWorker(ThreadWorker):
             body = int(length.group(1)) if length else 0
             if body > BUFFERED_BODY:  # answered 413 by the app without reading it
                 conn.oversized = True
+                body = 0
+            elif EXPECT_CONTINUE.search(conn.received, 0, end + 2):  # the client sends it once told to continue
                 body = 0
             conn.wanted = end + 4 + body
             if len(conn.received) < conn.wanted:

@@ -161,3 +161,18 @@ def test_a_whole_12_mb_body_gets_the_413_from_the_development_server(servers, en
 
     assert (status, content_type) == (413, "application/json"), body
     assert set(body) == {"error", "details"} and "1 MB" in body["error"]
+
+
+def test_a_client_that_waits_for_100_continue_is_told_to_send_its_body(production_server):
+    body = json.dumps({"username": "nobody", "password": "wrong-password"}).encode()
+    with connect(production_server) as connection:
+        connection.sendall(
+            b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert connection.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")  # not held until the body arrives
+        connection.sendall(body)
+
+        status, headers, answer = parse(read_all(connection))
+
+    assert_json_error(status, headers, answer, 401)
