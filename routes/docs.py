@@ -51,12 +51,15 @@ ERRORS = {
     413: ("PayloadTooLarge", "The request body is over 1 MB."),
     422: ("KeyReused", "This Idempotency-Key was used for another request in the last 24 hours."),
     429: ("TooManyRequests", "Rate limited: wait for Retry-After seconds (details: retry_after, the same, and limit)."),
-    503: ("Unavailable", "The database is unavailable or busy: try again shortly."),
+    503: ("Unavailable", "The database is unavailable or busy: try again after Retry-After seconds (5)."),
 }
 ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "The Bearer scheme (RFC 6750).", "schema": {"type": "string"}}},
     429: {
         "Retry-After": {"description": "Seconds to wait.", "required": True, "schema": {"type": "integer"}},
+    },
+    503: {
+        "Retry-After": {"description": "Seconds to wait (5).", "required": True, "schema": {"type": "integer"}},
     },
 }
 # Request headers some writes honour, and the response header that goes with If-Match.

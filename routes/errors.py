@@ -3,7 +3,6 @@
 import math
 import sqlite3
 import time
-from datetime import datetime
 from functools import partial
 
 from flask import Flask, current_app, g, jsonify, request
@@ -29,6 +28,8 @@ TRANSIENT_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
 NAMED_FIELDS = 5
 TOKEN_REVOKED = "Token has been revoked: log in again."
 ACCOUNT_GONE = "This account no longer exists or has been deactivated."
+# Retry-After of a 503 (the database out of reach or busy): a client should come back soon, not in a minute.
+RETRY_UNAVAILABLE_AFTER = 5
 
 
 class APIError(Exception):
@@ -61,18 +62,11 @@ def describe_limit(item) -> str:
     return f"{item.amount} per {seconds} seconds"  # not reached: every item is a whole number of seconds
 
 
-def seconds_until(retry_after) -> float:
-    """Werkzeug's ``TooManyRequests.retry_after`` (seconds, a datetime or nothing) as seconds from now."""
-    if isinstance(retry_after, datetime):
-        return retry_after.timestamp() - time.time()
-    return retry_after or 1
-
-
 def error_response(message: str, status: int, details: dict | None = None, headers: dict | None = None):
     response = jsonify(error=message, details=details or {})
     response.status_code = status
     response.headers.update(headers or {})
-    if status == 429:  # the limiter rewrites Retry-After after this; limits.retry_after_only_when_due restores it
+    if status in (429, 503):  # the limiter rewrites Retry-After after this: limits.retry_after_only_when_due restores
         g.retry_after = response.headers.get("Retry-After")
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="FinStack Tasks"'  # RFC 6750
@@ -145,18 +139,19 @@ def register_error_handlers(app: Flask) -> None:
         message = (
             error.description if error.limit.error_message else "Too many requests: slow down and try again later."
         )
+        retry_after = error.limit.limit.get_expiry()  # the longest it can be
         limiter = current_app.extensions.get("rate_limiter")
-        breached = limiter.current_limit if limiter else None
-        retry_after = breached.window.reset_time - time.time() if breached else error.limit.limit.get_expiry()
+        try:
+            if limiter and limiter.current_limit:
+                retry_after = limiter.current_limit.window.reset_time - time.time()
+        except Exception:  # the store failed after refusing this request: still a 429, with the limit's whole window
+            current_app.logger.warning("Rate-limit store unreachable: Retry-After is the limit's whole window")
         return handle_api_error(RateLimited(message, retry_after, describe_limit(error.limit.limit)))
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error: HTTPException):
         default = type(error).description
         message = HTTP_MESSAGES.get(error.code) if error.description == default else None
-        if error.code == 429:  # raised by hand rather than by a limiter: still the one shape of a 429
-            message = "Too many requests: slow down and try again later."
-            return handle_api_error(RateLimited(message, seconds_until(error.retry_after), "unspecified"))
         response = error_response(message or error.description or error.name, error.code)
         for name, value in error.get_headers():  # keeps Allow on 405
             if name.lower() != "content-type":
@@ -188,7 +183,7 @@ def register_error_handlers(app: Flask) -> None:
             "Database %s on %s %s from %s (request %s): %s",
             problem, request.method, request.path, request.remote_addr, g.get("request_id"), error,
         )  # fmt: skip
-        return error_response(message, 503)
+        return error_response(message, 503, headers={"Retry-After": str(RETRY_UNAVAILABLE_AFTER)})
 
     @app.errorhandler(Exception)
     def handle_unexpected_error(error: Exception):

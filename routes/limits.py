@@ -11,7 +11,8 @@ from flask_jwt_extended import decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 from flask_limiter import Limiter
 from jwt import PyJWTError
-from limits import RateLimitItem, RateLimitItemPerSecond, parse, parse_many
+from limits import RateLimitItem, RateLimitItemPerSecond, parse_many
+from limits.storage import MovingWindowSupport
 
 from routes import health, metrics
 from routes.errors import RateLimited, describe_limit
@@ -20,10 +21,17 @@ from routes.errors import RateLimited, describe_limit
 REDIS_TIMEOUT = 2
 PASSWORD_ATTEMPTS = "password-attempts"
 SIGNED_IN = "signed-in"
-# An address the account signed in from within this window is not held back by the account's ceiling.
-KNOWN_ADDRESS = parse("1 per 30 days")
-# Each further lock-out of one account at one address doubles, six times: 15 minutes, 30, ... 16 hours by default.
+PASSWORD_CHANGED = "password-changed"
+# An address the account signed in from within this many seconds is not held back by the account's ceiling; a
+# sign-in there renews it, at most once a day.
+KNOWN_FOR = 30 * 24 * 3600
+KNOWN_REFRESHED_AFTER = 24 * 3600
+# Each further lock-out in a row of one account at one address doubles, six times: 15 minutes, 30, ... 16 hours by
+# default; and none lasts over a day (unless RATELIMIT_LOGIN_FAILURES's window is longer).
 LOCKOUT_DOUBLINGS = 6
+LONGEST_LOCKOUT = 24 * 3600
+HERE = "Too many failed password attempts for this account from your address; try again later."
+ANYWHERE = "Too many failed password attempts for this account; try again later."
 
 
 def client_address() -> str:
@@ -52,102 +60,160 @@ def caller() -> str:
 
 
 @dataclass(frozen=True)
-class Budget:
-    """One count of password checks: a rate limit item, the keys it is counted under, and what a 429 says."""
+class Refusal:
+    """A password check held back: what the 429 says, and for how long."""
 
-    item: RateLimitItem
-    keys: tuple[str, ...]
     message: str
+    wait: float
+    limit: str
 
 
-def lockout_ladder(first: RateLimitItem) -> list[RateLimitItem]:
-    """``first`` (N failures per W) and the rungs above it, kN per W(2^k - 1): N failures in a burst lock out for W,
-    the next N for 2W, the next for 4W, and so on up to 2^LOCKOUT_DOUBLINGS W. Moving windows (exact counts,
-    atomic in the store) make the ladder: the k-th burst waits until the first falls out of the k-th rung."""
-    window = first.get_expiry()
-    return [
-        RateLimitItemPerSecond(first.amount * k, window * (2**k - 1), namespace=first.namespace)
-        for k in range(1, LOCKOUT_DOUBLINGS + 2)
-    ]
+def password_key(username: str, *parts: object) -> str:
+    """A key of ``username``'s password budgets in the store, under RATELIMIT_KEY_PREFIX."""
+    prefix = current_app.config["RATELIMIT_KEY_PREFIX"]
+    return "/".join(str(part) for part in (prefix, "password", f"username:{username}", *parts))
 
 
-def pair_keys(username: str, address: str, kind: str = PASSWORD_ATTEMPTS) -> tuple[str, ...]:
-    return (current_app.config["RATELIMIT_KEY_PREFIX"], f"username:{username}", f"address:{address}", kind)
+def lockout(item: RateLimitItem, strikes: int) -> int:
+    """Seconds that the ``strikes``-th lock-out in a row of one address lasts, for ``item`` (N failures per W): W,
+    then twice as long each time, at most 2^LOCKOUT_DOUBLINGS W and a day (or W, if that is longer)."""
+    window = item.get_expiry()
+    return min(window * 2 ** min(max(strikes, 1) - 1, LOCKOUT_DOUBLINGS), max(window, LONGEST_LOCKOUT))
 
 
-def password_budgets(limiter: Limiter, username: str, address: str) -> list[Budget]:
-    """What a password check for ``username`` from ``address`` spends: the pair's ladder, and, unless the account
-    has signed in from this address lately, the account's ceiling across all addresses."""
-    config = current_app.config
-    pair = pair_keys(username, address)
-    here = "Too many failed password attempts for this account from your address; try again later."
-    budgets = [
-        Budget(rung, pair, here)
-        for item in parse_many(config["RATELIMIT_LOGIN_FAILURES"])
-        for rung in lockout_ladder(item)
-    ]
-    if limiter.limiter.test(KNOWN_ADDRESS, *pair_keys(username, address, SIGNED_IN)):
-        account = (config["RATELIMIT_KEY_PREFIX"], f"username:{username}", PASSWORD_ATTEMPTS)
-        anywhere = "Too many failed password attempts for this account; try again later."
-        budgets += [Budget(item, account, anywhere) for item in parse_many(config["RATELIMIT_LOGIN_FAILURES_ACCOUNT"])]
-    return budgets
+def per(amount: int, seconds: int) -> str:
+    return describe_limit(RateLimitItemPerSecond(amount, seconds))
+
+
+def spend_at_address(store: MovingWindowSupport, item: RateLimitItem, username: str, address: str) -> Refusal | None:
+    """Spend one of ``item``'s checks of ``username`` at ``address``, unless that pair is locked out.
+
+    Two keys, both moving windows of timestamps that this process writes: the failures (N per W), and the lock-out,
+    which holds k copies of the time the k-th lock-out in a row began, so that one read says when it began and how
+    long it lasts. The run of lock-outs is forgotten twice the longest lock-out after the last one began."""
+    failures = password_key(username, f"address:{address}", "failures", item.amount, item.get_expiry())
+    locked = password_key(username, f"address:{address}", "lock-out", item.amount, item.get_expiry())
+    most = LOCKOUT_DOUBLINGS + 1
+    remembered = 2 * lockout(item, most)
+    began, strikes = store.get_moving_window(locked, most, remembered)
+    if strikes:
+        g.setdefault("locked_out_before", set()).add(username)
+        if time.time() < began + lockout(item, strikes):
+            return Refusal(HERE, began + lockout(item, strikes) - time.time(), per(item.amount, lockout(item, strikes)))
+    accepted = store.acquire_entry(failures, item.amount, item.get_expiry())
+    oldest, count = store.get_moving_window(failures, item.amount, item.get_expiry())
+    if not accepted:  # sent together with the one that filled the window: the lock-out is being written
+        return Refusal(HERE, oldest + item.get_expiry() - time.time(), describe_limit(item))
+    if count >= item.amount:  # this check fills the window: a lock-out from now, longer than the last one
+        g.setdefault("locked_out_before", set()).add(username)
+        strikes = min(strikes + 1, most)
+        store.clear(locked)
+        # As many as it holds: when checks sent together each see the window filled, only the first one's goes in.
+        store.acquire_entry(locked, strikes, remembered, amount=strikes)
+    return None
+
+
+def signed_in_here_lately(store: MovingWindowSupport, username: str, address: str) -> float | None:
+    """When ``username`` last signed in from ``address``, if within KNOWN_FOR and not before the account's
+    password last changed (``forget_known_addresses``); otherwise None."""
+    signed_in, marks = store.get_moving_window(password_key(username, f"address:{address}", SIGNED_IN), 1, KNOWN_FOR)
+    if not marks:
+        return None
+    changed, changes = store.get_moving_window(password_key(username, PASSWORD_CHANGED), 1, KNOWN_FOR)
+    return signed_in if not changes or signed_in >= changed else None
+
+
+def spend_at_account(limiter: Limiter, username: str) -> Refusal | None:
+    """Spend one check from ``username``'s ceiling across addresses (each RATELIMIT_LOGIN_FAILURES_ACCOUNT limit in
+    turn, stopping at the first that refuses)."""
+    keys = (current_app.config["RATELIMIT_KEY_PREFIX"], f"username:{username}", PASSWORD_ATTEMPTS)
+    for item in parse_many(current_app.config["RATELIMIT_LOGIN_FAILURES_ACCOUNT"]):
+        if not limiter.limiter.hit(item, *keys):
+            reset = limiter.limiter.get_window_stats(item, *keys).reset_time
+            return Refusal(ANYWHERE, reset - time.time(), describe_limit(item))
+    return None
 
 
 def spend_password_attempt(username: str) -> None:
-    """Count a password check against ``username`` from this client's address before making it: counted
-    atomically in the store, so guesses sent in parallel cannot all slip past the limits. Over one, a 429.
+    """Count a password check against ``username`` from this client's address before making it. Over a limit, a 429.
 
-    Two counts (see ``password_budgets``): per account and address (RATELIMIT_LOGIN_FAILURES, with lock-outs
-    that double), so that someone guessing from one address does not keep the owner out elsewhere; and per
-    account across addresses (RATELIMIT_LOGIN_FAILURES_ACCOUNT), much higher, against guessing from many.
-    Logins and password changes spend alike; a correct password gives the pair's count back."""
+    Two counts. Per account and address (RATELIMIT_LOGIN_FAILURES): N failures within W lock the account out at
+    that address only, for W, and each further lock-out in a row lasts twice as long (``spend_at_address``), so that
+    someone guessing at one address does not keep the owner out at another. Then, only for a check that count let
+    through and only from an address the account has not signed in from lately, the account's ceiling across
+    addresses (RATELIMIT_LOGIN_FAILURES_ACCOUNT), against guessing from many. Each count is atomic in the store, so
+    guesses sent together cannot slip past it, and a refused guess spends nothing after the count that refused it.
+    Logins and password changes spend alike; a correct password forgives that address (``forgive_...``).
+
+    While Redis is out of reach, Flask-Limiter counts in each worker's memory, and so do these: per worker, and
+    without the addresses known before the outage."""
     limiter = current_app.extensions.get("rate_limiter")
     if limiter is None:
         return
     address = address_key()
     try:
-        budgets = password_budgets(limiter, username, address)
-        # Look first, so that a refused check spends nothing; then take, each count atomically (a race lost here
-        # still refuses, and what it took from the other counts errs against the guesser).
-        refused = [budget for budget in budgets if not limiter.limiter.test(budget.item, *budget.keys)]
-        if not refused:
-            refused = [budget for budget in budgets if not limiter.limiter.hit(budget.item, *budget.keys)]
-        waits = [(limiter.limiter.get_window_stats(b.item, *b.keys).reset_time - time.time(), b) for b in refused]
-    except Exception:  # the store is down: the per-address limits still hold (they fall back to memory)
-        current_app.logger.exception("Rate-limit store unreachable: password attempts for %r not counted", username)
+        store = limiter.limiter.storage
+        refusal = None
+        for item in parse_many(current_app.config["RATELIMIT_LOGIN_FAILURES"]):
+            refusal = refusal or spend_at_address(store, item, username, address)
+        if refusal is None:
+            known = signed_in_here_lately(store, username, address)
+            g.setdefault("signed_in_here", {})[username] = known
+            if known is None:
+                refusal = spend_at_account(limiter, username)
+    except Exception:  # the store failed just now: let this check through rather than refuse every login
+        current_app.logger.exception("Rate-limit store failed: password check of %r not counted", username)
         return
-    if waits:
-        wait, budget = max(waits, key=lambda pair: pair[0])
+    if refusal is not None:
         current_app.logger.warning(
-            "Password attempts for %r exhausted (%s), from %s", username, describe_limit(budget.item), client_address()
+            "Password checks of %r held back (%s), from %s", username, refusal.limit, client_address()
         )
-        raise RateLimited(budget.message, wait, describe_limit(budget.item))
+        raise RateLimited(refusal.message, refusal.wait, refusal.limit)
 
 
 def forgive_password_attempts(username: str) -> None:
-    """A correct password: this address's failures for ``username`` are forgiven, and for KNOWN_ADDRESS the
-    account's ceiling no longer holds it back. The account's count stays: the owner signing in must not wipe
-    out what guessers elsewhere have spent."""
+    """A correct password: this address's failures and lock-outs for ``username`` are forgiven, and for KNOWN_FOR
+    the account's ceiling no longer holds the address back. The account's count stays: the owner signing in must
+    not wipe out what guessers elsewhere have spent."""
     limiter = current_app.extensions.get("rate_limiter")
     if limiter is None:
         return
     address = address_key()
     with suppress(Exception):  # best effort: the store being down must not fail a good login
+        store = limiter.limiter.storage
         for item in parse_many(current_app.config["RATELIMIT_LOGIN_FAILURES"]):
-            for rung in lockout_ladder(item):
-                limiter.limiter.clear(rung, *pair_keys(username, address))
-        known = pair_keys(username, address, SIGNED_IN)
-        limiter.limiter.clear(KNOWN_ADDRESS, *known)  # a fresh 30 days from this sign-in
-        limiter.limiter.hit(KNOWN_ADDRESS, *known)
+            store.clear(password_key(username, f"address:{address}", "failures", item.amount, item.get_expiry()))
+            if username in g.get("locked_out_before", ()):
+                store.clear(password_key(username, f"address:{address}", "lock-out", item.amount, item.get_expiry()))
+        known = g.get("signed_in_here", {}).get(username)
+        if known is None or known < time.time() - KNOWN_REFRESHED_AFTER:  # a fresh KNOWN_FOR from this sign-in
+            mark(store, password_key(username, f"address:{address}", SIGNED_IN))
+
+
+def forget_known_addresses(username: str) -> None:
+    """The password of ``username`` has changed: no address it signed in from so far is spared the account's
+    ceiling any more (the one that signs in next is, as ever)."""
+    limiter = current_app.extensions.get("rate_limiter")
+    if limiter is None:
+        return
+    with suppress(Exception):  # best effort, as forgiving is
+        mark(limiter.limiter.storage, password_key(username, PASSWORD_CHANGED))
+
+
+def mark(store: MovingWindowSupport, key: str) -> None:
+    """Note the time now under ``key``, in place of the last time noted there (kept for KNOWN_FOR)."""
+    store.clear(key)
+    store.acquire_entry(key, 1, KNOWN_FOR)
 
 
 def retry_after_only_when_due(response: Response) -> Response:
-    """Retry-After belongs on a 429 or a 503 (Flask-Limiter adds it to every response it counts), and on a 429
-    it says what the body's ``details.retry_after`` says (Flask-Limiter rounds its own figure down, to 0 at worst).
-    """
-    if response.status_code == 429 and g.get("retry_after"):
-        response.headers["Retry-After"] = g.retry_after
-    elif response.status_code not in (429, 503):
+    """Retry-After belongs on a 429 or a 503 only (Flask-Limiter adds its own to every response it counts), and
+    says what the error handler chose: on a 429 the body's ``details.retry_after`` (Flask-Limiter rounds its own
+    figure down, to 0 at worst), on a 503 a few seconds (not the rate limit's window)."""
+    chosen = g.get("retry_after")
+    if response.status_code in (429, 503) and chosen:
+        response.headers["Retry-After"] = chosen
+    elif response.status_code != 429:
         response.headers.pop("Retry-After", None)
     return response
 

@@ -1,13 +1,16 @@
 """Rate limits: strict on login, register and refresh, generous elsewhere; 429 with the envelope and Retry-After
-(and Retry-After on nothing else), counted in memory and in the real Redis; client addresses through exactly
-TRUSTED_PROXY_COUNT proxies. Lock-outs after failed passwords: tests/test_lockout.py."""
+(and Retry-After on nothing else but a 503, with its own), counted in memory and in the real Redis; client addresses
+through exactly TRUSTED_PROXY_COUNT proxies. Lock-outs after failed passwords: tests/test_lockout.py."""
 
 import pytest
 import redis
-from werkzeug.exceptions import TooManyRequests
+from flask_limiter import RateLimitExceeded
+from sqlalchemy import text
+from tcp_proxy import TcpProxy
 
 from app import create_app
 from helpers import PASSWORD, REDIS_URL, assert_error, settings, tokens_for
+from models import db
 
 STRICT_LIMITS = {
     "RATELIMIT_LOGIN": "3 per minute",
@@ -242,12 +245,47 @@ def test_retry_after_says_what_the_details_say(client, user):
     assert 59 <= body["details"]["retry_after"] <= 60
 
 
-@pytest.mark.parametrize("retry_after", [30, None])
-def test_a_429_raised_by_hand_has_the_same_shape(app, client, retry_after):
-    def busy():
-        raise TooManyRequests(retry_after=retry_after)
+def test_a_503_says_when_to_come_back_not_when_the_rate_limit_resets(app, client, auth_headers):
+    """Flask-Limiter puts its own Retry-After (the end of the minute the request was counted in) on every answer
+    it counts; the database's absence is a matter of seconds."""
+    with app.app_context():
+        db.session.execute(text("DROP TABLE tasks"))
+        db.session.commit()
 
-    app.add_url_rule("/api/busy", "busy", busy)
+    response = client.get("/api/tasks", headers=auth_headers)
 
-    body = assert_rate_limited(client.get("/api/busy"), limit="unspecified")
-    assert body["details"]["retry_after"] == (retry_after or 1)
+    assert_error(response, 503)
+    assert response.headers["X-RateLimit-Limit"] == "300"  # counted
+    assert response.headers["Retry-After"] == "5"
+
+
+@pytest.fixture
+def redis_line(redis_prefix):
+    with TcpProxy("127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])) as proxy:
+        yield proxy
+
+
+def test_redis_failing_after_it_refused_a_request_is_still_a_429(
+    redis_line, redis_prefix, tmp_path, fresh_database_url, caplog
+):
+    """The 429's Retry-After asks the store when the window ends: if Redis has gone meanwhile, the whole window."""
+    app = create_app(
+        settings(
+            fresh_database_url, tmp_path, RATELIMIT_LOGIN="1 per minute", RATELIMIT_KEY_PREFIX=redis_prefix,
+            RATELIMIT_STORAGE_URI=f"redis://127.0.0.1:{redis_line.port}/0",
+        )
+    )  # fmt: skip
+    handlers = app.error_handler_spec[None][429]
+    handle = handlers[RateLimitExceeded]
+
+    def cut_then_handle(error):
+        redis_line.cut()  # after the limiter counted this request in Redis, before the handler asks it again
+        return handle(error)
+
+    handlers[RateLimitExceeded] = cut_then_handle
+    client = app.test_client()
+    assert client.post("/api/auth/login", json={}).status_code == 400
+
+    body = assert_rate_limited(client.post("/api/auth/login", json={}), limit="1 per minute")
+    assert body["details"]["retry_after"] == 60
+    assert "Retry-After is the limit's whole window" in caplog.text
