@@ -45,6 +45,9 @@ DEFAULT_SIZES = "100000,1000000"
 DEFAULT_WORKER_CONFIGS = "sync:2,sync:3,sync:4,sync:5,gthread:2x4,gthread:3x2"
 DEMO_PASSWORD = "demo-password"
 ADMIN = "demo0001"  # seed-demo makes demo0001 an administrator: it may change every task
+# seed-demo refuses production (its administrator's password is published): the benchmark's own throwaway
+# database is seeded as development, then served as production.
+DEMO_SEEDING = {"APP_ENV": "development"}
 CREATE_MARK = "Bench Create Co"
 PER_PAGE = 20  # the list's default page size
 PROFILED = "list_default,create"  # run under cProfile in-process: bench/out/profile-SIZE-NAME.txt
@@ -191,12 +194,17 @@ class App:
         }
         (self.instance / "metrics").mkdir()
 
-    def flask(self, *command: str, log_name: str) -> str:
+    def flask(self, *command: str, log_name: str, env: dict | None = None) -> str:
+        """Run a `flask` command with the app's settings (``env`` overrides some), its output in ``log_name``."""
         with open(self.out / log_name, "a") as output:
             output.write(f"$ flask {' '.join(command)}\n")
             output.flush()
             finished = subprocess.run(
-                [str(BIN / "flask"), *command], cwd=ROOT, env=self.env, stdout=output, stderr=subprocess.STDOUT
+                [str(BIN / "flask"), *command],
+                cwd=ROOT,
+                env=self.env | (env or {}),
+                stdout=output,
+                stderr=subprocess.STDOUT,
             )
         if finished.returncode:
             tail = (self.out / log_name).read_text()[-2000:]
@@ -361,8 +369,9 @@ def seed_to(app: App, database: Database, size: int, users: int) -> float:
     if have < size:
         log(f"Seeding {size - have:,} tasks (to {size:,}) with flask seed-demo")
         app.flask(
-            "seed-demo", "--users", str(users), "--tasks", str(size - have), "--seed", str(size), log_name="seed.log"
-        )
+            "seed-demo", "--users", str(users), "--tasks", str(size - have), "--seed", str(size),
+            log_name="seed.log", env=DEMO_SEEDING,
+        )  # fmt: skip
     seeded = time.perf_counter() - started
     log("VACUUM ANALYZE and CHECKPOINT")
     database.query("VACUUM (ANALYZE)", autocommit=True)

@@ -43,6 +43,8 @@ def check_api(output: str) -> None:
     first, retry = re.search(r"^first (\S+)\nretry (\S+)$", output, re.MULTILINE).groups()
     assert first == retry  # the retry with the Idempotency-Key got the first task back
     assert "Token has been revoked" in output  # the access token after logout
+    assert '"message":"Usercreated."' in flat(output)  # an account made by the administrator
+    assert "Request body too large" in output  # the 12 MB upload
 
 
 def check_operations(output: str) -> None:
