@@ -24,7 +24,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from models import LoginSession, RevokedToken, User, db, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
-from routes.limits import forgive_password_attempts, spend_password_attempt
+from routes.limits import forget_known_addresses, forgive_password_attempts, spend_password_attempt
 from schemas import (
     LoginSchema,
     PasswordChangeSchema,
@@ -347,6 +347,7 @@ def change_password():
         raise APIError(TOKEN_REVOKED, 401)  # another change of password has just ended this session
     if not user.check_password(data["current_password"]):
         raise ValidationError("Not your current password.", "current_password")
+    forget_known_addresses(user.username)  # those the old password signed in from; this one is known again below
     forgive_password_attempts(user.username)
     user.set_password(data["new_password"])
     ended = end_sessions(LoginSession.user_id == user.id, LoginSession.id != session_id(get_jwt()))
