@@ -15,6 +15,11 @@ from werkzeug.exceptions import HTTPException
 
 from models import db
 
+try:  # a chunked body gunicorn finds broken only while the app reads it; not there under `python app.py`
+    from gunicorn.http.errors import ParseException as MalformedBody
+except ImportError:  # gunicorn does not install on every platform
+    MalformedBody = None
+
 # Werkzeug's stock sentences for these are written for HTML pages; these are for API clients.
 HTTP_MESSAGES = {
     404: "Not found: there is no such resource or URL.",
@@ -184,6 +189,13 @@ def register_error_handlers(app: Flask) -> None:
             problem, request.method, request.path, request.remote_addr, g.get("request_id"), error,
         )  # fmt: skip
         return error_response(message, 503, headers={"Retry-After": str(RETRY_UNAVAILABLE_AFTER)})
+
+    if MalformedBody is not None:
+
+        @app.errorhandler(MalformedBody)
+        def handle_malformed_body(error: Exception):
+            current_app.logger.info("Malformed request body: %s", error)
+            return error_response("The request body is not valid HTTP: its chunked encoding is broken.", 400)
 
     @app.errorhandler(Exception)
     def handle_unexpected_error(error: Exception):

@@ -112,6 +112,9 @@ def test_a_request_head_that_does_not_arrive_in_time_gets_a_408_and_is_closed(st
     assert_json_error(status, headers, body, 408)
 
 
+CHUNKED_LOGIN = (
+    b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 GUNICORN_REFUSALS = [
     (414, b"GET /api/health?" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
     (431, b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(120)) + b"\r\n"),
@@ -122,6 +125,9 @@ GUNICORN_REFUSALS = [
     (400, b"GET /api/health HTTP/1.1\r\nHost: x\r\nBad Name: a\r\n\r\n"),
     (400, b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
     (417, b"GET /api/health HTTP/1.1\r\nHost: x\r\nExpect: 100-wonder\r\n\r\n"),
+    # A chunked body that breaks off into nonsense: found while the app reads it, and answered by the app.
+    (400, CHUNKED_LOGIN + b'5\r\n{"a":\r\nzz\r\n1}\r\n0\r\n\r\n'),
+    (400, CHUNKED_LOGIN + b"2\r\n{}XX0\r\n\r\n"),
 ]
 
 
