@@ -22,7 +22,7 @@ from commands import (
     purge_tokens_command,
     seed_demo_command,
 )
-from config import Config, ConfigError, check_production_settings, parse_flag, resolve_secrets
+from config import Config, ConfigError, check_production_settings, debugger_in_production, resolve_secrets
 from models import db
 from routes import analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
@@ -46,6 +46,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         app.instance_path = os.path.abspath(app.config["INSTANCE_PATH"])
     resolve_secrets(app.config, app.instance_path)
     check_production_settings(app.config)
+    refuse_debugger_in_production(app)
     configure_logging(app)
     if app.config["TRUSTED_PROXY_COUNT"]:
         # The client address (for rate limits and logs) and scheme, from that many proxies' X-Forwarded-* headers.
@@ -98,6 +99,18 @@ def create_app(config: Mapping | None = None) -> Flask:
     return app
 
 
+def refuse_debugger_in_production(app: Flask) -> None:
+    """Production never runs Werkzeug's debugger: not with debug on as Flask itself read it (FLASK_DEBUG, DEBUG), nor
+    through `flask run --debugger`, which starts it whatever FLASK_DEBUG says."""
+    if app.config["APP_ENV"] != "production":
+        return
+    if app.debug:
+        raise debugger_in_production("Debug mode is on")
+    context = click.get_current_context(silent=True)
+    if context is not None and context.info_name == "run" and context.params.get("debugger"):
+        raise debugger_in_production("flask run --debugger")
+
+
 def serving() -> bool:
     """Is the app being built to serve requests? Any `flask` command but `flask run` only runs that command."""
     context = click.get_current_context(silent=True)
@@ -144,5 +157,5 @@ if __name__ == "__main__":
     application.run(
         host=application.config["HOST"],
         port=application.config["PORT"],
-        debug=parse_flag("FLASK_DEBUG", os.environ.get("FLASK_DEBUG"), default=False),
+        debug=application.config["FLASK_DEBUG"],
     )

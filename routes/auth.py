@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from config import ascii_domain, readable_domain
 from models import LoginSession, RevokedToken, User, db, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
@@ -201,23 +202,26 @@ def presented_refresh_token() -> str:
     )
 
 
-def check_registration_allowed(email: str | None = None) -> None:
-    """Refuse (403) a registration that REGISTRATION does not allow: all of them when closed, and in domain mode an
-    address whose domain (after the last @, in any case) is not in ALLOWED_EMAIL_DOMAINS. With no ``email`` yet,
-    only whether registration is closed."""
-    mode = current_app.config["REGISTRATION"]
-    if mode == "closed":
+def refuse_if_closed() -> None:
+    """Refuse (403) every registration while REGISTRATION is closed, before the body is read."""
+    if current_app.config["REGISTRATION"] == "closed":
         raise APIError("Registration is closed: ask an administrator to create your account.", 403)
-    if mode == "domain" and email is not None:
-        domains = current_app.config["ALLOWED_EMAIL_DOMAINS"]
-        if email.rpartition("@")[2].lower() not in domains:
-            accepted = ", ".join(f"@{domain}" for domain in domains)
-            raise APIError(
-                f"Registration is open only to email addresses at {accepted}: use one, or ask an administrator "
-                "to create your account.",
-                403,
-                {"email": [f"Use an address at {accepted}."]},
-            )
+
+
+def refuse_outside_domains(email: str) -> None:
+    """In domain mode, refuse (403) an address whose domain (after the last @, in any case, internationalised names
+    in their ASCII form) is not one of ALLOWED_EMAIL_DOMAINS."""
+    if current_app.config["REGISTRATION"] != "domain":
+        return
+    domains = current_app.config["ALLOWED_EMAIL_DOMAINS"]
+    if ascii_domain(email.rpartition("@")[2]) not in domains:
+        accepted = ", ".join(f"@{readable_domain(domain)}" for domain in domains)
+        raise APIError(
+            f"Registration is open only to email addresses at {accepted}: use one, or ask an administrator to "
+            "create your account.",
+            403,
+            {"email": [f"Use an address at {accepted}."]},
+        )
 
 
 @bp.post("/register")
@@ -234,9 +238,9 @@ def register():
         content: {application/json: {schema: ErrorSchema}}
       409: {$ref: "#/components/responses/Conflict"}
     """
-    check_registration_allowed()
+    refuse_if_closed()
     data = load_json(RegisterSchema())
-    check_registration_allowed(data["email"])
+    refuse_outside_domains(data["email"])
     user = create_user(**data)
     try:
         db.session.flush()

@@ -268,7 +268,7 @@ def production(environment, fresh_database_url) -> dict:
     return production
 
 
-@pytest.mark.parametrize("password", ["password123", "Admin@2024"])
+@pytest.mark.parametrize("password", ["password123", "Admin@2024", "Adm1n@123"])
 def test_flask_create_admin_in_production_refuses_well_known_passwords(production, fresh_database_url, password):
     given = flask("create-admin", "--username", "ops", "--password", password, env=production)
     from_settings = flask("create-admin", env=production | {"ADMIN_USERNAME": "ops", "ADMIN_PASSWORD": password})

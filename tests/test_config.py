@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 import app as app_module
 from app import create_app
-from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url
+from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url, password_problem
 from helpers import POSTGRES_SERVER, PRODUCTION, ROOT, free_port, gunicorn, settings
 from models import db
 
@@ -74,10 +74,29 @@ def test_cors_origin_is_a_comma_separated_list():
         ({"DB_CONNECT_TIMEOUT": "0"}, "DB_CONNECT_TIMEOUT must be a whole number from 1 to 60"),
         ({"DB_STATEMENT_TIMEOUT": "10s"}, "DB_STATEMENT_TIMEOUT must be a whole number from 0 to 3600000"),
         ({"METRICS_ENABLED": "maybe"}, "METRICS_ENABLED must be true or false"),
+        ({"APP_ENV": "development", "FLASK_ENV": "production"}, "APP_ENV=development and FLASK_ENV=production"),
+        ({"APP_ENV": "production", "FLASK_ENV": "development"}, "APP_ENV=production and FLASK_ENV=development"),
+        ({"FLASK_ENV": "prod"}, "FLASK_ENV must be development or production, not 'prod'"),
+        ({"APP_ENV": "staging"}, "APP_ENV must be development or production, not 'staging'"),
+        # Flask reads all three as on: refused everywhere rather than read one way here and another by Flask.
+        ({"FLASK_DEBUG": "maybe"}, "FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'maybe'"),
+        ({"FLASK_DEBUG": "off"}, "FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'off'"),
+        ({"FLASK_DEBUG": "0 ", "APP_ENV": "production"}, "FLASK_DEBUG must be 1 (debugger on"),
+        ({"REGISTRATION": "invite"}, "REGISTRATION must be open, domain, closed, not 'invite'"),
+        ({"REGISTRATION": "domain"}, "ALLOWED_EMAIL_DOMAINS must list the accepted email domains"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": " , "}, "ALLOWED_EMAIL_DOMAINS must list"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "*.example.com"}, "no wildcards"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "bob@example.com"}, "domains such as example.com"),
+        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "example..com"}, "not 'example..com'"),
+        ({"ALLOWED_EMAIL_DOMAINS": "example.com"}, "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is open"),
+        (
+            {"REGISTRATION": "closed", "ALLOWED_EMAIL_DOMAINS": "example.com"},
+            "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is closed",
+        ),
     ],
 )
 def test_a_malformed_setting_is_a_clear_error(environment, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         Config(environment)
 
 
@@ -245,8 +264,9 @@ def production(tmp_path, **changes) -> dict:
         ({"ADMIN_PASSWORD": "demo-password"}, "ADMIN_PASSWORD: Must not be a well-known password"),
         ({"ADMIN_PASSWORD": "short"}, "ADMIN_PASSWORD: Length must be between 8 and 128"),
         ({"ADMIN_USERNAME": "operator", "ADMIN_PASSWORD": "Operator"}, "ADMIN_PASSWORD: Must not be your username"),
-        ({"FLASK_DEBUG": "1"}, "FLASK_DEBUG must be off in production"),
-        ({"FLASK_DEBUG": "true"}, "FLASK_DEBUG must be off in production"),
+        ({"FLASK_DEBUG": "1"}, "FLASK_DEBUG is on in production"),
+        ({"FLASK_DEBUG": "true"}, "FLASK_DEBUG is on in production"),
+        ({"FLASK_DEBUG": "On"}, "FLASK_DEBUG is on in production"),
         ({"CORS_ORIGIN": "*"}, "CORS_ORIGIN must not contain a wildcard"),
         ({"CORS_ORIGIN": "https://app.finstack.com,https://*.finstack.com"}, "CORS_ORIGIN must not contain a wildcard"),
         ({"PASSWORD_HASH_METHOD": "scrypt"}, "below the OWASP minimums"),
@@ -272,6 +292,7 @@ def test_production_refuses_unsafe_settings_with_a_clear_message(monkeypatch, tm
         {"ADMIN_PASSWORD": "ops-password-1"},  # a well-known word inside a longer passphrase is fine
         {"FLASK_DEBUG": "0"},
         {"FLASK_DEBUG": "false"},
+        {"FLASK_DEBUG": "No"},
     ],
 )
 def test_production_accepts_safe_alternatives(monkeypatch, tmp_path, changes):
@@ -279,6 +300,57 @@ def test_production_accepts_safe_alternatives(monkeypatch, tmp_path, changes):
         monkeypatch.setenv(name, value)
 
     assert create_app().config["APP_ENV"] == "production"
+
+
+def test_production_refuses_debug_mode_however_flask_was_told(monkeypatch, tmp_path):
+    for name, value in production(tmp_path).items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(ConfigError, match="Debug mode is on in production: Werkzeug's debugger runs any code"):
+        create_app({"DEBUG": True})
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        # Listed passwords that end in digits themselves, with a symbol added.
+        "trustno1!",
+        "12345678!",
+        "abcd1234!",
+        "0987654321!",
+        # Leaked-password lists' favourites: keyboard walks, digits around words, leetspeak, a season and a year.
+        "1q2w3e4r",
+        "1qaz2wsx",
+        "aa123456",
+        "zxcvbnm1",
+        "qwe123qwe",
+        "123qweasd",
+        "123password",
+        "P@$$w0rd",
+        "p4ssw0rd",
+        "pa$$word1",
+        "Adm1n@123",
+        "Summer2024!",
+        "letmein!!",
+        "admin123",
+        "Admin@2024!",
+        "demo-password",
+    ],
+)
+def test_well_known_passwords_are_refused_in_production_in_every_disguise(password):
+    assert password_problem(password, None, None, production=False) is None
+    assert password_problem(password, None, None, production=True) == (
+        "Must not be a well-known password such as 'admin123' or 'password123': choose a passphrase of your own."
+    )
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["ops-password-1", "correct horse", "correct-horse-battery", "s3cret-passphrase", "0ps-password", "n3w-pass!",
+     "leaving-soon", "a-long-and-private-passphrase", "x7#Kq9!2mZ", "Tr0ub4dor&3", "erin-passphrase"],
+)  # fmt: skip
+def test_passphrases_of_ones_own_are_accepted_in_production(password):
+    assert password_problem(password, "erin", "erin@example.com", production=True) is None
 
 
 def test_development_tolerates_what_production_refuses(tmp_path):
@@ -344,26 +416,6 @@ def test_app_env_and_flask_env_that_agree_choose_the_environment(environment, ex
     assert expected == Config(environment).APP_ENV
 
 
-@pytest.mark.parametrize(
-    ("environment", "message"),
-    [
-        (
-            {"APP_ENV": "development", "FLASK_ENV": "production"},
-            "APP_ENV=development and FLASK_ENV=production disagree",
-        ),
-        (
-            {"APP_ENV": "production", "FLASK_ENV": "development"},
-            "APP_ENV=production and FLASK_ENV=development disagree",
-        ),
-        ({"FLASK_ENV": "prod"}, "FLASK_ENV must be development or production, not 'prod'"),
-        ({"APP_ENV": "staging"}, "APP_ENV must be development or production, not 'staging'"),
-    ],
-)
-def test_app_env_and_flask_env_that_disagree_refuse_to_start(environment, message):
-    with pytest.raises(ConfigError, match=message):
-        Config(environment)
-
-
 def test_flask_debug_is_left_to_flask_in_development():
     assert Config({"FLASK_DEBUG": "1"}).APP_ENV == "development"
 
@@ -381,32 +433,17 @@ def test_flask_debug_is_left_to_flask_in_development():
             "domain",
             ("example.com", "corp.example.org"),
         ),
+        (  # internationalised names in their ASCII (IDNA) form, as email domains are compared
+            {"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "Exämple.com,xn--exmple-cua.com,bücher.de"},
+            "domain",
+            ("xn--exmple-cua.com", "xn--bcher-kva.de"),
+        ),
     ],
 )
 def test_registration_is_open_in_development_and_closed_in_production_unless_set(environment, mode, domains):
     config = Config(environment)
 
     assert (mode, domains) == (config.REGISTRATION, config.ALLOWED_EMAIL_DOMAINS)
-
-
-@pytest.mark.parametrize(
-    ("environment", "message"),
-    [
-        ({"REGISTRATION": "invite"}, "REGISTRATION must be open, domain, closed, not 'invite'"),
-        ({"REGISTRATION": "domain"}, "ALLOWED_EMAIL_DOMAINS must list the accepted email domains"),
-        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": " , "}, "ALLOWED_EMAIL_DOMAINS must list"),
-        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "*.example.com"}, "no wildcards"),
-        ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "bob@example.com"}, "domains such as example.com"),
-        ({"ALLOWED_EMAIL_DOMAINS": "example.com"}, "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is open"),
-        (
-            {"REGISTRATION": "closed", "ALLOWED_EMAIL_DOMAINS": "example.com"},
-            "ALLOWED_EMAIL_DOMAINS is set but REGISTRATION is closed",
-        ),
-    ],
-)
-def test_registration_settings_that_cannot_work_are_refused(environment, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        Config(environment)
 
 
 def run_flask(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -456,12 +493,81 @@ def test_a_configuration_error_stops_any_flask_command_with_the_line_gunicorn_pr
         assert result.stdout == "", command
 
 
-def test_flask_debug_in_production_stops_python_app_py_in_one_line(environment):
-    production_debug = environment | PRODUCTION | {"FLASK_DEBUG": "1"}
+def run_until_it_exits(command: list[str], env: dict, timeout: float = 30) -> tuple[int | None, str]:
+    """Run a server command that should refuse to start: its exit status and stderr, or None if it was still
+    running after ``timeout`` seconds (it is killed then)."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        return None, stderr
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "changes", "line"),
+    [
+        (["app.py"], {"FLASK_DEBUG": "1"}, "Error: FLASK_DEBUG is on in production: Werkzeug's debugger runs any"),
+        (
+            ["-m", "flask", "run", "--debugger", "--port", "{port}"],
+            {},
+            "Error: flask run --debugger in production: Werkzeug's debugger runs any code a visitor sends it.",
+        ),
+        (["-m", "flask", "run", "--port", "{port}"], {"FLASK_DEBUG": "1"}, "Error: FLASK_DEBUG is on in production"),
+    ],
+    ids=["python-app.py", "flask-run-debugger", "flask-run-flask-debug"],
+)
+def test_production_never_starts_the_debugger(environment, command, changes, line):
+    command = [sys.executable, *(part.format(port=free_port()) for part in command)]
+
+    status, stderr = run_until_it_exits(command, environment | PRODUCTION | changes)
+
+    assert (status, len(stderr.strip().splitlines())) == (1, 1), stderr
+    assert stderr.startswith(line)
+    assert "Traceback" not in stderr
+
+
+def test_a_malformed_flask_debug_stops_python_app_py_in_one_line(environment):
+    status, stderr = run_until_it_exits([sys.executable, "app.py"], environment | {"FLASK_DEBUG": "maybe"})
+
+    assert status == 1, stderr
+    assert stderr.strip() == (
+        "Error: FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'maybe': Flask reads anything "
+        "but 0, false or no as on."
+    )
+
+
+def test_app_env_in_the_env_file_and_flask_env_in_the_environment_that_disagree_refuse(tmp_path, monkeypatch):
+    """Render sets FLASK_ENV=production; a .env copied from .env.example with APP_ENV=development uncommented must
+    not make that server development."""
+    (tmp_path / ".env").write_text("APP_ENV=development\n")
+    monkeypatch.setenv("APP_ENV", "")
+    monkeypatch.delenv("APP_ENV")  # restored, i.e. removed again, after the test
+    monkeypatch.setenv("FLASK_ENV", "production")
+    monkeypatch.setattr(app_module, "PROJECT", str(tmp_path))
+
+    app_module.load_env_file()
+
+    assert os.environ["APP_ENV"] == "development"
+    with pytest.raises(ConfigError, match="APP_ENV=development and FLASK_ENV=production disagree"):
+        Config()
+
+
+def test_flask_reads_the_env_file_and_refuses_the_disagreement_in_one_line(environment, tmp_path):
+    (tmp_path / ".env").write_text("APP_ENV=development\n")
+    env = {k: v for k, v in environment.items() if k not in ("APP_ENV", "FLASK_SKIP_DOTENV")}
 
     result = subprocess.run(
-        [sys.executable, "app.py"], cwd=ROOT, env=production_debug, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "flask", "--app", str(ROOT / "app.py"), "routes"],
+        cwd=tmp_path,
+        env=env | {"FLASK_ENV": "production"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("Error: FLASK_DEBUG must be off in production")
+    assert result.stderr.startswith("Error: APP_ENV=development and FLASK_ENV=production disagree")
+    assert len(result.stderr.strip().splitlines()) == 1

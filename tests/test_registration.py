@@ -7,7 +7,7 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-from config import DEFAULT_PASSWORD_HASH_METHOD
+from config import DEFAULT_PASSWORD_HASH_METHOD, parse_domains
 from helpers import GUNICORN, PRODUCTION, ROOT, assert_error, call
 from models import User, db
 
@@ -73,6 +73,21 @@ def test_domain_registration_refuses_other_domains_naming_the_accepted_ones(clie
     assert usernames(app) == []
 
 
+@pytest.mark.app_config(REGISTRATION="domain", ALLOWED_EMAIL_DOMAINS=parse_domains("exämple.com, bücher.de"))
+@pytest.mark.parametrize("email", ["erin@exämple.com", "erin@EXÄMPLE.com", "erin@xn--exmple-cua.com"])
+def test_domain_registration_matches_internationalised_domains_in_either_form(client, email):
+    response = client.post("/api/auth/register", json=ACCOUNT | {"email": email})
+
+    assert response.status_code == 201, response.get_json()
+
+
+@pytest.mark.app_config(REGISTRATION="domain", ALLOWED_EMAIL_DOMAINS=parse_domains("exämple.com"))
+def test_domain_registration_names_internationalised_domains_as_people_write_them(client):
+    body = assert_error(client.post("/api/auth/register", json=ACCOUNT | {"email": "erin@example.com"}), 403, "email")
+
+    assert body["details"] == {"email": ["Use an address at @exämple.com."]}
+
+
 @pytest.mark.app_config(**DOMAINS)
 def test_domain_registration_validates_the_body_first(client):
     assert_error(client.post("/api/auth/register", json=ACCOUNT | {"email": "not-an-email"}), 400, "email")
@@ -98,7 +113,9 @@ PRODUCTION_APP = {
 
 
 @pytest.mark.app_config(**PRODUCTION_APP)
-@pytest.mark.parametrize("password", ["password123", "Admin123", "qwerty2024!", "demo-password", "aaaabbbb"])
+@pytest.mark.parametrize(
+    "password", ["password123", "Admin123", "qwerty2024!", "demo-password", "aaaabbbb", "trustno1!", "P@$$w0rd"]
+)
 def test_production_refuses_well_known_passwords_for_every_account(client, app, admin_headers, password):
     expected = {"password": ["Must not be a well-known password such as 'admin123' or 'password123': choose a "
                              "passphrase of your own."]}  # fmt: skip
