@@ -61,7 +61,7 @@ test-postgres: $(VENV)/.dev-installed browser  ## Run the suite on PostgreSQL on
 	TEST_DATABASE_URL=$(TEST_DATABASE_URL) $(PYTEST)
 
 check: lint  ## Lint, then the fast in-process tests on SQLite (no servers, no processes, nothing slow): under 90 s
-	env -u TEST_DATABASE_URL $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	env -u TEST_DATABASE_URL $(BIN)/python -m pytest -n auto -m "not slow" $(PYTEST_ARGS)
 
 fuzz: $(VENV)/.dev-installed  ## A longer schemathesis campaign: 300 examples per operation, a new seed each run
 	@seed=$${FUZZ_SEED:-$$(date +%s)}; echo "FUZZ_SEED=$$seed"; \

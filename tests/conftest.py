@@ -5,6 +5,7 @@ Tests that start processes (every test using ``environment``, so every ``servers
 `make check` leaves the slow ones out."""
 
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -65,6 +66,7 @@ APP_ENVIRONMENT = (
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MIGRATION_SCRIPTS = ScriptDirectory(MIGRATIONS)
 # test_failure.py needs PostgreSQL in any run (it cuts a TCP line between the app and it) and covers both databases
 # itself: collected in the PostgreSQL run only, so once per `make test`, and never skipped.
@@ -82,6 +84,14 @@ def pytest_collection_modifyitems(items):
         # the fixture (or a module's own version of it), not a parameter of that name as test_config.py has
         if definitions and definitions[-1].func.__name__ == "environment":
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """A parameter that is a UUID (made at random when the module is collected) is named "uuid" in the test's id:
+    every pytest-xdist worker (`make check`) must collect the same tests."""
+    if isinstance(val, uuid.UUID) or (isinstance(val, str) and UUID_TEXT.fullmatch(val)):
+        return "uuid"
+    return None
 
 
 def schema_engine() -> sa.Engine:
