@@ -1,9 +1,10 @@
 """Slow clients against the production server: while N connections each send half a request line and then nothing
-(or a byte now and then), does everyone else still get answers, and how fast?
+(or a byte now and then; or another half request, --shape), does everyone else still get answers, and how fast?
 
     .venv/bin/python bench/slowloris.py                         # gunicorn.conf.py at 0, 2 and 50 slow connections
     .venv/bin/python bench/slowloris.py --setups conf,sync,gthread,gevent,nginx --wrk
     .venv/bin/python bench/slowloris.py --url http://127.0.0.1:10000 --slow 50     # a server already running here
+    .venv/bin/python bench/slowloris.py --setups conf,sync --shape expect          # Expect: 100-continue, no body
 
 Each setup is started here as production runs it (APP_ENV=production, gunicorn.conf.py, a scratch SQLite database
 unless --postgres, rate limits counted in Redis under a prefix of the run's own, far above what the run sends):
@@ -80,7 +81,21 @@ SETUPS = {
     "gevent": (["--worker-class", "gevent"], {}, False),
     "nginx": (["--worker-class", "sync"], {}, True),
 }
-HALF_REQUEST = b"GET /api/hea"  # half a request line, then nothing
+LOGIN = b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+SHAPES = {  # what each slow connection sends, then nothing (--shape)
+    "line": b"GET /api/hea",  # half a request line
+    "body": LOGIN + b'Content-Length: 40\r\n\r\n{"username": ',  # a whole head and half its body
+    "expect": LOGIN + b"Expect: 100-continue\r\nContent-Length: 40\r\n\r\n",  # waits for 100, then sends nothing
+    "chunked": LOGIN + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"use',  # half a chunked body
+}
+
+
+SHAPE_NAMES = {
+    "line": "half a request line",
+    "body": "a head and half its body",
+    "expect": "a head with Expect: 100-continue and no body",
+    "chunked": "half a chunked body",
+}
 
 
 @dataclass
@@ -96,8 +111,9 @@ class SlowClients:
     """``count`` connections that each sent half a request line, kept open (reopened when the server closes one)
     until stopped; with ``trickle``, each sends one more byte every ``trickle`` seconds."""
 
-    def __init__(self, host: str, port: int, count: int, trickle: float):
+    def __init__(self, host: str, port: int, count: int, trickle: float, shape: str = "line"):
         self.address = (host, port)
+        self.sent = SHAPES[shape]
         self.count = count
         self.trickle = trickle
         self.sockets: list[socket.socket] = []
@@ -108,7 +124,7 @@ class SlowClients:
     def open_one(self) -> socket.socket | None:
         try:
             connection = socket.create_connection(self.address, timeout=2)
-            connection.sendall(HALF_REQUEST)
+            connection.sendall(self.sent)
             connection.setblocking(False)
             return connection
         except OSError:
@@ -277,7 +293,7 @@ def measure(args, setup: str, url: str, token: str | None) -> tuple[list[list[st
     parsed = urllib.parse.urlsplit(url)
     rows = []
     for slow in args.slow:
-        with SlowClients(parsed.hostname, parsed.port, slow, args.trickle) as slow_clients:
+        with SlowClients(parsed.hostname, parsed.port, slow, args.trickle, args.shape) as slow_clients:
             result = probe(url, args.seconds, args.timeout)
             closed = slow_clients.closed_by_server
         rows.append(row(setup, slow, result, closed))
@@ -330,6 +346,7 @@ def parse_args(argv=None):
     parser.add_argument("--slow", default="0,2,50", help="numbers of slow connections (default 0,2,50)")
     parser.add_argument("--seconds", type=float, default=15, help="how long normal requests are sent (default 15)")
     parser.add_argument("--timeout", type=float, default=10, help="seconds each normal request waits (default 10)")
+    parser.add_argument("--shape", choices=SHAPES, default="line", help="what slow clients send (default line)")
     parser.add_argument("--trickle", type=float, default=0, help="each slow client sends a byte every S s (0: never)")
     parser.add_argument("--wrk", action="store_true", help="also measure throughput with wrk (16 connections)")
     parser.add_argument("--wrk-seconds", type=int, default=5)
@@ -367,7 +384,7 @@ def main(argv=None) -> int:
     trickle = f", a byte every {args.trickle:g} s" if args.trickle else ""
     print(
         f"Normal requests (GET /api/health, one at a time, {args.seconds:g} s, each waiting {args.timeout:g} s) "
-        f"while slow connections hold half a request line{trickle}:"
+        f"while slow connections hold {SHAPE_NAMES[args.shape]}{trickle}:"
     )
     print(table(["setup", "slow", "answered", "failed", "p50 ms", "p99 ms", "max ms", "slow closed"], rows))
     if throughputs:
