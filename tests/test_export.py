@@ -498,6 +498,7 @@ def drop_indexes_but(kept: str) -> None:
             db.session.execute(sa.text(f"DROP INDEX IF EXISTS {index.name}"))
 
 
+@pytest.mark.slow  # a minute of one core: not in `make check`
 def test_export_streams_a_million_rows_in_bounded_memory(app, client, auth_headers, user, other_user):
     """The export never holds more than a batch: a million rows, a CSV of 293 MB, stream with a peak of 5.9 MB of
     Python memory (tracemalloc) on SQLite and 5.8 MB on PostgreSQL: flat, about what 20,000 rows take.
