@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,6 +149,22 @@ def call_with_headers(
             return response.status, json.loads(response.read()), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read()), dict(error.headers)
+
+
+def wrong_passwords_at_once(url: str, count: int, forwarded_for: Callable[[int], str]) -> list[int]:
+    """The statuses of ``count`` logins as admin with wrong passwords, released together, the n-th sent with
+    ``X-Forwarded-For: forwarded_for(n)``."""
+    together = threading.Barrier(count)
+
+    def guess(n: int) -> int:
+        body = {"username": "admin", "password": f"guess-{n}"}
+        together.wait()
+        return call_with_headers("POST", f"{url}/api/auth/login", body, headers={"X-Forwarded-For": forwarded_for(n)})[
+            0
+        ]
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(guess, range(count)))
 
 
 class Server:

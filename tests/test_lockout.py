@@ -3,12 +3,7 @@ that double), under a much higher ceiling per account across addresses that spar
 from; in memory and in the real Redis, on a clock the test moves; with Redis cut off mid-run (through a TCP proxy);
 and once through a real proxy header on gunicorn."""
 
-import json
-import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 
 import flask_limiter._extension
 import limits.storage.memory
@@ -19,7 +14,7 @@ from tcp_proxy import TcpProxy
 
 import routes.errors
 import routes.limits
-from helpers import GUNICORN, PASSWORD, REDIS_URL, assert_error, call_with_headers
+from helpers import GUNICORN, PASSWORD, REDIS_URL, assert_error, call_with_headers, wrong_passwords_at_once
 
 HOUR = 3600
 DAY = 24 * HOUR
@@ -192,22 +187,7 @@ def test_behind_a_proxy_parallel_guesses_lock_out_their_own_address_only(servers
     }  # fmt: skip
     server = servers.start(GUNICORN, shared)
     url = f"{server.url}/api/auth/login"
-    together = threading.Barrier(8)
-
-    def guess(n):
-        request = urllib.request.Request(
-            url, method="POST", data=json.dumps({"username": "admin", "password": f"guess-{n}"}).encode(),
-            headers={"Content-Type": "application/json", "X-Forwarded-For": "6.6.6.6, 203.0.113.66"},
-        )  # fmt: skip
-        together.wait()
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = list(pool.map(guess, range(8)))
+    statuses = wrong_passwords_at_once(server.url, 8, lambda _n: "6.6.6.6, 203.0.113.66")
     admin = {"username": "admin", "password": "admin123"}
     locked = call_with_headers("POST", url, admin, headers={"X-Forwarded-For": "203.0.113.66"})
     elsewhere = call_with_headers("POST", url, admin | {"password": "guess"}, headers={"X-Forwarded-For": "192.0.2.1"})

@@ -1,21 +1,18 @@
 """The app served for real: gunicorn with several workers (and `python app.py`) on a fresh database."""
 
-import json
 import random
 import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import DEV_SERVER, GUNICORN, PRODUCTION, REDIS_URL, ROOT, WORKERS, call, gunicorn
+from helpers import DEV_SERVER, GUNICORN, PRODUCTION, REDIS_URL, ROOT, WORKERS, call, gunicorn, wrong_passwords_at_once
 
 
 def test_workers_starting_together_migrate_and_create_one_admin(servers, environment, fresh_database_url, tmp_path):
@@ -306,23 +303,7 @@ def test_parallel_guesses_cannot_outrun_the_failed_login_limit(servers, environm
         "RATELIMIT_LOGIN_FAILURES": "3 per 15 minutes", "RATELIMIT_LOGIN_FAILURES_ACCOUNT": "3 per hour",
     }  # fmt: skip
     server = servers.start(GUNICORN, shared)
-    together = threading.Barrier(10)
-
-    def guess(n):
-        request = urllib.request.Request(
-            f"{server.url}/api/auth/login", method="POST",
-            data=json.dumps({"username": "admin", "password": f"guess-{n}"}).encode(),
-            headers={"Content-Type": "application/json", "X-Forwarded-For": f"10.0.0.{n}"},
-        )  # fmt: skip
-        together.wait()
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        statuses = list(pool.map(guess, range(10)))
+    statuses = wrong_passwords_at_once(server.url, 10, lambda n: f"10.0.0.{n}")
     status, _ = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})
 
     assert sorted(statuses) == [401] * 3 + [429] * 7, statuses
