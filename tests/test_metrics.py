@@ -1,4 +1,5 @@
 import re
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -128,7 +129,11 @@ def test_every_gunicorn_worker_counts_in_one_page(servers, environment):
         with ThreadPoolExecutor(max_workers=6) as pool:
             assert set(pool.map(ready, range(12))) == {200}
         rounds += 1
-    answered = re.findall(r"worker=<(\d+)> /api/health/ready 200", server.log.read_text())
+    # A worker logs a request once it has answered it: the last lines may come a moment after the answers.
+    deadline = time.monotonic() + 10
+    while len(answered := re.findall(r"worker=<(\d+)> /api/health/ready 200", server.log.read_text())) < 12 * rounds:
+        assert time.monotonic() < deadline, f"{len(answered)} of {12 * rounds} requests logged"
+        time.sleep(0.05)
     assert len(set(answered)) >= 2  # several processes served them
 
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
