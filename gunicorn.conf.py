@@ -191,6 +191,17 @@ CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
 ACCEPT_PAUSE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
+def received_now(client: socket.socket) -> bytes | None:
+    """What a readable non-blocking socket holds: b"" once the client has gone (or the connection broke), None when
+    nothing was there after all."""
+    try:
+        return client.recv(256 * 1024)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class BufferedConn(TConn):
     """A connection whose request is read without blocking, before a thread is given it."""
 
@@ -306,12 +317,9 @@ class BufferingWorker(ThreadWorker):
             self.check_arrived(conn)
 
     def on_request_bytes(self, conn, client):
-        try:
-            chunk = client.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
+        chunk = received_now(client)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if not chunk:  # the client left before its request was whole
             self.stop_receiving(conn)
             self.nr_conns -= 1
@@ -435,12 +443,9 @@ class BufferingWorker(ThreadWorker):
         self.poller.register(client, selectors.EVENT_READ, partial(self.on_drain_bytes, entry))
 
     def on_drain_bytes(self, entry, client):
-        try:
-            chunk = client.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
+        chunk = received_now(client)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         entry[2] += len(chunk)
         if not chunk or entry[2] > DRAIN_LIMIT:
             self.draining.remove(entry)
