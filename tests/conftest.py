@@ -1,5 +1,6 @@
 """Fixtures. Unset TEST_DATABASE_URL: SQLite, a new file per test (a copy of one made with the schema). Set: that
-PostgreSQL database, each test inside a transaction that is rolled back (the app's commits become savepoints).
+PostgreSQL database, each test inside a transaction that is rolled back (the app's commits become savepoints), or,
+marked ``own_database``, a new database of its own.
 
 Tests that start processes (every test using ``environment``, so every ``servers`` test) are marked ``slow`` here;
 `make check` leaves the slow ones out."""
@@ -9,6 +10,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -17,6 +19,7 @@ import redis
 import sqlalchemy as sa
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from flask import Flask
 from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
@@ -219,6 +222,10 @@ def app(request, tmp_path):
             db.engine.dispose()
         return
 
+    if request.node.get_closest_marker("own_database"):
+        yield from app_with_own_postgres_database(tmp_path, overrides)
+        return
+
     app = create_app(settings(POSTGRES_URL, tmp_path, **overrides))
     with app.app_context():
         connection = db.engine.connect()
@@ -238,6 +245,23 @@ def app(request, tmp_path):
         connection.close()
         with app.app_context():
             db.engine.dispose()
+
+
+def app_with_own_postgres_database(tmp_path, overrides: dict) -> Iterator[Flask]:
+    """An app on a new database whose commits are real, dropped afterwards. One transaction per test is no
+    place for thousands of commits: each becomes a savepoint, and past 64 of them PostgreSQL looks every
+    subtransaction up again to tell which rows each statement sees, so each statement costs more than the last."""
+    with scratch_postgres_database() as url:
+        engine = sa.create_engine(url)
+        with engine.begin() as connection:
+            create_schema(connection)
+        engine.dispose()
+        app = create_app(settings(url, tmp_path, **overrides))
+        try:
+            yield app
+        finally:
+            with app.app_context():
+                db.engine.dispose()
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def is_invalid(case) -> bool:
 @schema.parametrize()
 @pytest.mark.slow  # a minute: hundreds of generated requests
 @pytest.mark.app_config(RATELIMIT_ENABLED=False)  # a 429 would hide the answer under test
+@pytest.mark.own_database  # thousands of commits
 def test_every_operation_keeps_the_contract(case, app, make_task, admin, user, other_user):
     caller = admin if case.path.startswith("/api/users") else user  # administration, and a colleague's work
     headers = {"Authorization": f"Bearer {token_for(app, caller['id'])}"}  # a fresh session: logout may end it
