@@ -22,7 +22,15 @@ from commands import (
     purge_tokens_command,
     seed_demo_command,
 )
-from config import Config, ConfigError, check_production_settings, debugger_in_production, resolve_secrets
+from config import (
+    Config,
+    ConfigError,
+    check_production_settings,
+    debugger_in_production,
+    ping_idle_connections,
+    reads_without_transactions,
+    resolve_secrets,
+)
 from models import db
 from routes import analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
@@ -54,6 +62,9 @@ def create_app(config: Mapping | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)
 
     db.init_app(app)
+    with app.app_context():
+        ping_idle_connections(db.engine)
+        reads_without_transactions(db.engine)
     register_request_logging(app)  # the first hooks: the line, the request id and the timing cover all the others
     init_metrics(app)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)

@@ -11,9 +11,13 @@ from functools import cache
 from pathlib import Path
 
 from filelock import FileLock
+from flask import has_request_context, request
+from flask_sqlalchemy.session import Session as FlaskSQLAlchemySession
 from limits import parse_many
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from psycopg2.extensions import STATUS_READY
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DisconnectionError
 from werkzeug.security import generate_password_hash
 
 VERSION = "1.0.0"
@@ -83,16 +87,16 @@ def engine_options(
     url: str, pool_size: int = 5, max_overflow: int = 0, connect_timeout: int = 5, statement_timeout: int = 10_000
 ) -> dict:
     """Connection settings on PostgreSQL: sessions in UTC whatever the server's default (timestamps near year 1
-    or 9999 only exist in UTC), a pool per process of at most ``pool_size + max_overflow`` connections, checked
-    before use, and every wait bounded so that a database that goes away makes requests answer 503 promptly
-    instead of hanging: the connect (``connect_timeout`` s), each statement (``statement_timeout`` ms, 0 for
-    none), a connection lost without a word (TCP keepalives; unacknowledged data for 10 s) and the wait for a
-    pooled connection. Statement parameters never appear in errors or logs (they may hold personal data)."""
+    or 9999 only exist in UTC), a pool per process of at most ``pool_size + max_overflow`` connections (checked
+    before use when idle a while: ``ping_idle_connections``), and every wait bounded so that a database that goes
+    away makes requests answer 503 promptly instead of hanging: the connect (``connect_timeout`` s), each
+    statement (``statement_timeout`` ms, 0 for none), a connection lost without a word (TCP keepalives;
+    unacknowledged data for 10 s) and the wait for a pooled connection. Statement parameters never appear in
+    errors or logs (they may hold personal data)."""
     if not url.startswith("postgresql"):
         return {"hide_parameters": True}
     return {
         "hide_parameters": True,
-        "pool_pre_ping": True,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         "pool_timeout": 10,
@@ -108,6 +112,62 @@ def engine_options(
             "tcp_user_timeout": 10_000,
         },
     }
+
+
+# A pooled connection idle this long is checked with a round trip before use; see ping_idle_connections.
+PING_IDLE_AFTER = 10.0
+
+
+def ping_idle_connections(engine: Engine) -> None:
+    """Check a pooled connection before use only when it has been idle ``PING_IDLE_AFTER`` seconds, not on every
+    checkout as SQLAlchemy's pool_pre_ping does (a round trip per request). A dead one is replaced before the
+    request uses it. One used more recently is trusted: if the database went away meanwhile, that request answers
+    503 and SQLAlchemy drops every connection made before the failure, so the next request connects afresh."""
+
+    @event.listens_for(engine, "checkin")
+    def idle_from_now(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping_if_idle(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_IDLE_AFTER:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                raise DisconnectionError(str(error)) from error  # the pool connects again, and checks out that
+            raise
+
+
+def reads_without_transactions(engine: Engine) -> None:
+    """On PostgreSQL, a GET or HEAD request's statements run in autocommit: no BEGIN before them and no ROLLBACK
+    after, two round trips of the request's few. Every such request only reads (writes are POST, PUT, PATCH and
+    DELETE), and each of its statements sees a consistent snapshot of its own, which is all a read needs where
+    one statement answers it (the task list brings its total in its page's statement).
+
+    psycopg2 sends BEGIN only before a transaction's first statement, so the connection is switched to autocommit
+    when the session's transaction begins (nothing sent yet; a test's connection already inside a transaction is
+    left alone), and back when it returns to the pool, before anyone else can use it."""
+    if engine.dialect.name != "postgresql":
+        return
+
+    @event.listens_for(engine, "checkin")
+    def transactions_again(dbapi_connection, _record) -> None:
+        if dbapi_connection is not None and dbapi_connection.autocommit:
+            dbapi_connection.autocommit = False
+
+    if not event.contains(FlaskSQLAlchemySession, "after_begin", autocommit_reads):
+        event.listen(FlaskSQLAlchemySession, "after_begin", autocommit_reads)
+
+
+def autocommit_reads(_session, _transaction, connection) -> None:
+    if not has_request_context() or request.method not in ("GET", "HEAD") or connection.dialect.name != "postgresql":
+        return
+    dbapi_connection = connection.connection.dbapi_connection
+    if dbapi_connection.status == STATUS_READY:
+        dbapi_connection.autocommit = True
 
 
 def limit_postgresql_waits(connect_timeout: int, statement_timeout: int) -> None:

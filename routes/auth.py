@@ -5,7 +5,7 @@ import uuid
 from datetime import UTC, datetime
 from functools import cache
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g, has_request_context, request
 from flask_jwt_extended import (
     JWTManager,
     create_access_token,
@@ -35,9 +35,24 @@ from schemas import (
     check_password_policy,
 )
 
+
+class RequestJWTManager(JWTManager):
+    """Flask-JWT-Extended's manager, decoding a token once per request: the rate limiter's key (the caller's
+    account) and the login check both need it, and each decode checks the signature and every claim."""
+
+    def _decode_jwt_from_config(self, encoded_token: str, csrf_value=None, allow_expired: bool = False) -> dict:
+        if not has_request_context():
+            return super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        decoded = g.setdefault("decoded_tokens", {})
+        key = (encoded_token, csrf_value, allow_expired)
+        if key not in decoded:  # a token refused is refused again, afresh, by whoever asks next
+            decoded[key] = super()._decode_jwt_from_config(*key)
+        return decoded[key]
+
+
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
 bp.after_request(no_store)
-jwt = JWTManager()
+jwt = RequestJWTManager()
 user_schema = UserSchema()
 
 

@@ -66,13 +66,13 @@ def task_filters(args: dict, columns=Task) -> list:
     return conditions
 
 
-def count_tasks(args: dict) -> int:
-    """The exact number of tasks the filters select: from the kept counts when they can tell, else a COUNT
-    that the filters' indexes serve."""
+def task_total(args: dict):
+    """A query for the exact number of tasks the filters select: from the kept counts when they can tell, else a
+    COUNT that the filters' indexes serve."""
     if not args.get("deleted") and COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
         total = func.coalesce(func.sum(task_counts.c.n), 0)
-        return db.session.scalar(select(total).where(*task_filters(args, task_counts.c)))
-    return db.session.scalar(select(func.count()).select_from(Task).where(*task_filters(args)))
+        return select(total).where(*task_filters(args, task_counts.c))
+    return select(func.count()).select_from(Task).where(*task_filters(args))
 
 
 def sort_key(sort_by: str) -> list:
@@ -248,10 +248,12 @@ def list_tasks():
         stmt = stmt.where(after_cursor(args, cursor["after"]))
     descending = args["sort_order"] == "desc"
     order = [key.desc() if descending else key.asc() for key in sort_key(args["sort_by"])]
-    # One row more than the page tells whether a next page exists, whatever the total says by now.
-    rows = db.session.scalars(stmt.order_by(*order).limit(per_page + 1)).all()
-    tasks, has_next = rows[:per_page], len(rows) > per_page
-    total = count_tasks(args)
+    # One row more than the page tells whether a next page exists, whatever the total says by now. The total
+    # comes with each row, counted in the same statement (one round trip, one snapshot); alone past the last page.
+    total = task_total(args)
+    rows = db.session.execute(stmt.add_columns(total.scalar_subquery()).order_by(*order).limit(per_page + 1)).all()
+    tasks, has_next = [row[0] for row in rows[:per_page]], len(rows) > per_page
+    total = rows[0][1] if rows else db.session.scalar(total)
     return {
         "tasks": dump_page(task_schema, tasks),
         "pagination": {

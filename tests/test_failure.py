@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from flask import Flask
 from tcp_proxy import TcpProxy
 from test_task_counts import kept_and_recounted
 
+import config
 from app import create_app
 from config import normalise_database_url
 from helpers import GUNICORN, PRODUCTION, ROOT, WORKERS, scratch_postgres_database, settings
@@ -608,14 +610,50 @@ def test_sigterm_lets_the_request_in_flight_finish_refuses_new_connections_and_e
     assert new_connection == "refused", f"a new connection after SIGTERM was {new_connection}, not refused"
 
 
-def test_the_pool_gauge_stays_true_through_an_outage(proxy, fresh_database_url, tmp_path):
+def app_through(proxy: TcpProxy, fresh_database_url: str, tmp_path) -> Flask:
     through_proxy = sa.make_url(fresh_database_url).set(port=proxy.port).render_as_string(hide_password=False)
-    app = create_app(settings(through_proxy, tmp_path))
+    return create_app(settings(through_proxy, tmp_path))
+
+
+def test_a_pooled_connection_idle_a_while_is_checked_and_replaced_before_use(
+    proxy, fresh_database_url, tmp_path, monkeypatch
+):
+    app = app_through(proxy, fresh_database_url, tmp_path)
+    client = app.test_client()
+    assert client.get("/api/health").status_code == 200
+    proxy.cut()  # the pooled connection dies; the database comes back
+    proxy.restore()
+
+    monkeypatch.setattr(config, "PING_IDLE_AFTER", 0)  # idle long enough to be checked
+
+    assert client.get("/api/health").status_code == 200
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_pooled_connection_used_moments_ago_is_trusted_and_its_failure_renews_the_pool(
+    proxy, fresh_database_url, tmp_path
+):
+    """No round trip to check a connection used within PING_IDLE_AFTER: if the database went away meanwhile, the
+    one request on it answers 503, and the pool connects afresh for the next."""
+    app = app_through(proxy, fresh_database_url, tmp_path)
+    client = app.test_client()
+    assert [client.get("/api/health").status_code for _ in range(2)] == [200] * 2
+    proxy.cut()
+    proxy.restore()
+
+    assert [client.get("/api/health").status_code for _ in range(2)] == [503, 200]
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_the_pool_gauge_stays_true_through_an_outage(proxy, fresh_database_url, tmp_path):
+    app = app_through(proxy, fresh_database_url, tmp_path)
     client = app.test_client()
     assert client.get("/api/health").status_code == 200
 
     proxy.cut()
-    # Each fails on its way out of the pool: the pooled connection's pre-ping, then the reconnect.
+    # The pooled connection fails at its statement (it was used moments ago: no check first), then each reconnect.
     assert [client.get("/api/health").status_code for _ in range(3)] == [503] * 3
     proxy.restore()
     assert client.get("/api/health").status_code == 200

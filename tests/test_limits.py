@@ -2,6 +2,7 @@
 (and Retry-After on nothing else but a 503, with its own), counted in memory and in the real Redis; client addresses
 through exactly TRUSTED_PROXY_COUNT proxies. Lock-outs after failed passwords: tests/test_lockout.py."""
 
+import flask_jwt_extended.jwt_manager
 import pytest
 import redis
 from flask_limiter import RateLimitExceeded
@@ -145,6 +146,17 @@ def test_other_routes_have_a_default_limit_per_route_and_signed_in_user(
     assert_rate_limited(response, limit="4 per minute")
     assert response.headers["X-RateLimit-Limit"] == "4"
     assert client.get("/api/tasks", headers=bob).status_code == 200  # a colleague behind the same address
+
+
+def test_a_signed_in_request_decodes_its_token_once(app, client, auth_headers, monkeypatch):
+    """The limiter's key (the caller's account) and the login check share one decode of the token."""
+    decoded = []
+    decode = flask_jwt_extended.jwt_manager._decode_jwt
+    monkeypatch.setattr(flask_jwt_extended.jwt_manager, "_decode_jwt", lambda **kw: decoded.append(1) or decode(**kw))
+
+    assert client.get("/api/tasks", headers=auth_headers).status_code == 200
+    assert app.extensions["rate_limiter"].enabled
+    assert len(decoded) == 1
 
 
 @STRICT

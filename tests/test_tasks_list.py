@@ -251,8 +251,22 @@ def test_list_takes_a_fixed_number_of_statements_whatever_the_page_size(
 
     assert len(body["tasks"]) == per_page
     assert all(task["contact_person"] and task["created_by"] for task in body["tasks"])
-    # The token's user, the page with both people joined in, and the total.
-    assert len(statements) == 3, statements
+    # The token's user, and the page with both people joined in and the total counted alongside.
+    assert len(statements) == 2, statements
+
+
+def test_a_page_past_the_last_still_gives_the_total(client, auth_headers, make_task, sql_statements):
+    for _ in range(3):
+        make_task()
+
+    with sql_statements() as statements:
+        body = listed(client, auth_headers, "?per_page=2&page=3")
+
+    assert body["tasks"] == []
+    assert body["pagination"] | {"next_cursor": None} == {
+        "page": 3, "per_page": 2, "total": 3, "pages": 2, "has_next": False, "has_prev": True, "next_cursor": None
+    }  # fmt: skip
+    assert len(statements) == 3, statements  # no row to bring the total: counted on its own
 
 
 def test_a_page_dumps_each_person_on_it_once(client, auth_headers, make_task, make_user, monkeypatch):
@@ -380,7 +394,7 @@ def test_a_cursor_page_takes_the_same_statements_as_page_one(client, auth_header
         body = listed(client, auth_headers, f"?cursor={cursor}&per_page=10")
 
     assert len(body["tasks"]) == 10
-    assert len(statements) == 3, statements
+    assert len(statements) == 2, statements  # the token's user; the page, its total alongside
 
 
 def test_a_cursor_may_repeat_its_query_as_the_client_spells_it(client, auth_headers, make_task):
