@@ -32,7 +32,7 @@ from config import (
     resolve_secrets,
 )
 from models import db
-from routes import analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
+from routes import JSONProvider, analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
 from routes.logs import configure_logging, register_request_logging
@@ -48,6 +48,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     """Build the app from the environment; ``config`` overrides single settings (tests use it)."""
     app = Flask(__name__, static_folder=None)  # an API: no static files of its own
     app.url_map.merge_slashes = False  # "/api//tasks" is a JSON 404, not an HTML redirect
+    app.json = JSONProvider(app)
     app.config.from_object(Config())
     app.config.update(config or {})
     if app.config["INSTANCE_PATH"]:

@@ -1,11 +1,35 @@
 """Blueprints, one module per area, and the request helpers they share."""
 
+import orjson
 from flask import current_app, request
+from flask.json.provider import DefaultJSONProvider
 from flask_jwt_extended import verify_jwt_in_request
 from marshmallow import Schema, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from routes.errors import APIError
+
+
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, encoded by orjson: the same text as Flask's own encoder gives (keys sorted, dates as Flask
+    writes them), but UTF-8 rather than ``\\u`` escapes, at several times the speed. What orjson cannot encode (an
+    integer past 64 bits, text with a lone surrogate) is left to Flask's encoder. Reading stays Flask's."""
+
+    OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+    def dumps(self, obj, **kwargs) -> str:
+        return self.encode(obj, indent="indent" in kwargs).decode()
+
+    def encode(self, obj, indent: bool = False) -> bytes:
+        try:
+            return orjson.dumps(obj, default=self.default, option=self.OPTIONS | (orjson.OPT_INDENT_2 if indent else 0))
+        except TypeError:
+            return super().dumps(obj, indent=2 if indent else None).encode()
+
+    def response(self, *args, **kwargs):
+        obj = self._prepare_response_obj(args, kwargs)
+        text = self.encode(obj, indent=self._app.debug) + b"\n"
+        return self._app.response_class(text, mimetype=self.mimetype)
 
 
 def load_json(schema: Schema) -> dict:

@@ -1,12 +1,14 @@
 """The app's wiring: CORS, the token guard on every blueprint, and how the database is used."""
 
+import json
 import re
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 from flask import request
+from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -229,3 +231,22 @@ def test_json_with_a_charset_and_requests_without_a_body_are_accepted(client, au
     json_utf8 = {**auth_headers, "Content-Type": "application/json; charset=utf-8"}
     assert client.get("/api/tasks", headers=json_utf8).status_code == 200
     assert client.post("/api/auth/logout", headers=json_utf8).status_code == 200
+
+
+def test_answers_are_encoded_as_flasks_own_encoder_encodes_them(app):
+    """orjson (routes.JSONProvider) gives the text Flask's encoder gives, but UTF-8 instead of \\u escapes; what
+    orjson cannot encode goes to Flask's encoder instead of failing."""
+    flask_json = DefaultJSONProvider(app)
+    values = {
+        "name": "Müller & Söhne 😀",
+        "id": uuid.UUID("6ec0bd7f-11c0-43da-975e-2a8ad9ebae0b"),
+        "at": datetime(2025, 1, 15, 10, 0, tzinfo=UTC),
+        "day": date(2025, 1, 15),
+        "nested": {"b": [1, 2.5, None, True], "a": "x"},
+    }
+    with app.test_request_context():
+        answer = app.json.response(values)
+        assert answer.get_data() == flask_json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        assert "Müller".encode() in answer.get_data()
+        for awkward in ({"text": "\ud800"}, {"n": 2**64}):  # a lone surrogate; an integer past 64 bits
+            assert json.loads(app.json.response(awkward).get_data()) == json.loads(flask_json.dumps(awkward))
