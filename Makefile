@@ -46,7 +46,7 @@ format: $(VENV)/.dev-installed  ## Rewrite the code in the project's style
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# A selection that only one database runs (PYTEST_ARGS=tests/test_failure.py: PostgreSQL only) leaves the other run
+# A selection that only one database runs (PYTEST_ARGS="-k query_plans": PostgreSQL only) leaves the other run
 # with pytest's exit code 5, no tests collected: no failure then. Without a selection, a run that collects nothing fails.
 PYTEST = $(BIN)/python -m pytest $(PYTEST_ARGS)$(if $(strip $(PYTEST_ARGS)), || [ $$? -eq 5 ])
 
@@ -89,7 +89,7 @@ $(VENV)/.bench-installed: requirements.txt requirements-bench.txt | $(BIN)/pytho
 # Debian's wrk, the load generator of `make bench` and `make soak`: installed when missing.
 INSTALL_WRK = command -v wrk >/dev/null || { $(call APT_INSTALL,wrk); }
 
-bench: $(VENV)/.bench-installed  ## Benchmark on PostgreSQL with gunicorn and wrk (~7 min): bench/results.md (BENCH_ARGS=--quick)
+bench: $(VENV)/.bench-installed  ## Benchmark beside a minimal app, targets as ratios (~12 min): bench/results.md, bench/profile.md (BENCH_ARGS=--quick)
 	@$(INSTALL_WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

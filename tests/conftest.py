@@ -72,7 +72,8 @@ SCHEMA_CREATED = pytest.StashKey[bool]()
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MIGRATION_SCRIPTS = ScriptDirectory(MIGRATIONS)
 # test_failure.py needs PostgreSQL in any run (it cuts a TCP line between the app and it) and covers both databases
-# itself: collected in the PostgreSQL run only, so once per `make test`, and never skipped.
+# itself; test_query_plans.py checks PostgreSQL's plans. Both are collected in the PostgreSQL run only, so once per
+# `make test`, and never skipped. (A path named on the command line is collected whatever this says.)
 collect_ignore = [] if POSTGRES_URL else ["test_failure.py", "test_query_plans.py"]
 
 

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, time
 import pytest
 import sqlalchemy as sa
 from conftest import APP_ENVIRONMENT, create_schema
+from psycopg2.extensions import STATUS_READY
 from werkzeug.security import generate_password_hash
 
 from app import create_app
@@ -381,3 +382,34 @@ def test_hot_endpoint_sends_its_statements_with_index_plans(app, headers, ids, n
     read = set().union(*(indexes_read(plan) for _sent, plan in plans))
     missing = [index for index in endpoint.indexes if index not in read]
     assert not missing, f"{name} does not read {missing}:\n{listing}"
+
+
+READS = [name for name, endpoint in ENDPOINTS.items() if endpoint.method == "GET" and endpoint.statements > 1]
+
+
+@pytest.mark.parametrize("name", READS)
+def test_a_read_sends_no_begin_and_no_rollback(app, headers, ids, name):
+    """GET requests run in autocommit (config.reads_without_transactions). psycopg2 sends BEGIN just before a
+    transaction's first statement, so a second statement finding the connection outside a transaction means none
+    was begun, and none is ended. A write still gets its transaction."""
+    in_transaction = []
+
+    def note(connection, *_args):
+        in_transaction.append(connection.connection.dbapi_connection.status != STATUS_READY)
+
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "before_cursor_execute", note)
+    try:
+        client = app.test_client()
+        read = client.get(ENDPOINTS[name].path.format(**ids), headers=headers)
+        assert read.status_code == 200
+        read.close()
+        reads, in_transaction[:] = list(in_transaction), []
+        write = client.patch(f"/api/tasks/{ids['closing_task']}/status", json={"status": "open"}, headers=headers)
+        assert write.status_code == 200
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", note)
+
+    assert reads and not any(reads), reads
+    assert in_transaction[1:] and all(in_transaction[1:]), in_transaction  # BEGIN goes with the first
