@@ -1,7 +1,7 @@
 """Where a request's time goes: PostgreSQL's own time for the statements it sends, and the app's time in-process.
 
 Run by bench/run.py in its own process, with the same environment as the benchmarked gunicorn:
-    python bench/sqltime.py SCENARIOS.json OUTPUT.json --runs 7 --profile list_default
+    python bench/sqltime.py SCENARIOS.json OUTPUT.json --runs 7
 
 For each scenario it builds the app in-process and sends the request once through Flask's test client,
 recording every statement it sends (a SQLAlchemy ``before_cursor_execute`` listener). Each recorded statement
@@ -12,14 +12,11 @@ run with per-node timing and buffers keeps the plan, so the report can say where
 
 Then the request is sent again through the test client for a second (at least ``2 x --runs`` times, its
 bodies in turn): the median is the app's own time, the whole Flask stack with its SQL and the rate limiter's
-Redis calls but without HTTP and gunicorn. The scenarios named by --profile also run under cProfile.
+Redis calls but without HTTP and gunicorn. Where that time goes, by category: bench/profiler.py.
 """
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -37,7 +34,6 @@ from app import create_app  # noqa: E402
 from models import db  # noqa: E402
 
 DML = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH")
-PROFILE_REQUESTS = 200
 
 
 class Request:
@@ -162,32 +158,13 @@ def app_time(request: Request, runs: int, seconds: float = 1.0, most: int = 500)
     return statistics.median(times)
 
 
-def profile(request: Request, path: Path) -> None:
-    """cProfile over PROFILE_REQUESTS requests: the functions that take the app's time, by cumulative time."""
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(PROFILE_REQUESTS):
-        request.send()
-    profiler.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(45)
-    stats.sort_stats("tottime").print_stats(25)
-    path.write_text(
-        f"{request.scenario['name']}: {PROFILE_REQUESTS} requests through the test client\n{text.getvalue()}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenarios", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--profile", default="", help="comma-separated scenario names to profile")
-    parser.add_argument("--profile-prefix", type=Path, help="profiles go to PREFIX-NAME.txt")
     args = parser.parse_args()
     scenarios = json.loads(args.scenarios.read_text())
-    profiled = set(filter(None, args.profile.split(",")))
 
     app = create_app()  # the rate limiter included: it counts in the server's Redis keys, far below its limits
     psycopg2.extras.register_uuid()
@@ -205,8 +182,6 @@ def main() -> None:
                 request.send()  # bodies alternate states: the captured request then really changes its rows
             timed = sql_time(connection, capture(engine, request), args.runs)
             in_process = app_time(request, 2 * args.runs)
-            if scenario["name"] in profiled and args.profile_prefix:
-                profile(request, Path(f"{args.profile_prefix}-{scenario['name']}.txt"))
             sql_ms = sum(item["ms"] for item in timed)
             output[scenario["name"]] = {
                 "statements": len(timed),
