@@ -1,7 +1,7 @@
 """`make bench`: seed PostgreSQL, serve the app with gunicorn on 127.0.0.1, drive a bounded load with wrk, and
 write bench/results.md and bench/results.png (and the table between the bench markers of docs/performance.md).
 
-    .venv/bin/python bench/run.py                        # 100k and 1M tasks, about 15 minutes
+    .venv/bin/python bench/run.py                        # 100k and 1M tasks, about 12 minutes
     .venv/bin/python bench/run.py --quick                # 2,000 tasks, 1 s per scenario: a smoke run (bench/out/)
     .venv/bin/python bench/run.py --compare-workers      # default list at 1 and 16 clients per gunicorn setup
     .venv/bin/python bench/run.py --sizes 100000 --profile-only   # bench/profile.md only, no load
