@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import re
+import select
 import selectors
 import shutil
 import socket
@@ -187,6 +188,10 @@ CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([^\r\n]*?)[ \t]*\r\n", 
 TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:([^\r\n]*)\r\n", re.IGNORECASE)
 BARE_LF = re.compile(rb"(?<!\r)\n")  # gunicorn refuses a head with one (400) as soon as it sees it
 CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,15}")
+# A worker whose threads are all busy takes new connections that have waited QUEUE_PATIENCE in the listen queue, if
+# one of its requests finished within PROGRESS_WINDOW (seconds).
+QUEUE_PATIENCE = 0.1
+PROGRESS_WINDOW = 0.05
 # Resources running short in accept(): the worker stops accepting for a second instead of dying.
 ACCEPT_PAUSE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -233,6 +238,8 @@ class BufferingWorker(ThreadWorker):
         self.arriving = deque()  # connections whose request is still arriving
         self.draining = deque()  # [deadline, socket, bytes read] of sockets being drained before closing
         self.busy = 0  # requests handed to the threads and not finished
+        self.last_finished = 0.0  # when a request last finished (time.monotonic())
+        self.queue_waiting_since = None  # since when connections have waited in the listen queue, as last seen
         self.reserved = 0  # bytes of BODY_BUDGET reserved by bodies arriving
         self.accept_paused_until = 0.0
         cfg = self.cfg
@@ -241,10 +248,21 @@ class BufferingWorker(ThreadWorker):
         self.head_limit = min(HEAD_LIMIT, gunicorns)
 
     def set_accept_enabled(self, enabled):
-        """Accept only while a thread is free, as a sync worker does: a busy worker leaves new connections to an
-        idle one instead of queueing them behind its own (connections already accepted keep arriving meanwhile)."""
-        free = self.busy < self.cfg.threads and time.monotonic() >= self.accept_paused_until
-        super().set_accept_enabled(enabled and free)
+        """Accept while a thread is free, as a sync worker does: a busy worker leaves new connections to an idle one
+        rather than queue them behind its own. But when connections have waited in the listen queue for
+        QUEUE_PATIENCE (no worker was free to take them) a busy worker that is getting through its requests takes
+        them in turn with its kept-alive clients, who would otherwise keep it busy for as long as they go on
+        (wrk with 16 kept-alive clients: requests waiting over 2 s). One stuck on a request takes none."""
+        now = time.monotonic()
+        free = self.busy < self.cfg.threads
+        if not free and now - self.last_finished < PROGRESS_WINDOW:
+            waiting = any(select.select(self.sockets, [], [], 0)[0])
+            if not waiting:
+                self.queue_waiting_since = None
+            elif self.queue_waiting_since is None:
+                self.queue_waiting_since = now
+            free = waiting and now - self.queue_waiting_since >= QUEUE_PATIENCE
+        super().set_accept_enabled(enabled and free and now >= self.accept_paused_until)
 
     def update_accepting(self):
         """gthread's loop re-decides only when its connection count changes: a thread taken or freed decides too."""
@@ -252,6 +270,7 @@ class BufferingWorker(ThreadWorker):
 
     def finish_request(self, conn, fs):
         self.busy -= 1
+        self.last_finished = time.monotonic()
         super().finish_request(conn, fs)
         self.update_accepting()
 
@@ -460,6 +479,7 @@ class BufferingWorker(ThreadWorker):
     def murder_pending(self):
         """Also close the connections whose request did not arrive in time (with a 408), and end old drains."""
         super().murder_pending()
+        self.update_accepting()  # connections may have waited long enough in the listen queue by now
         now = time.monotonic()
         for conn in [conn for conn in self.arriving if conn.timeout <= now]:  # head and body deadlines interleave
             self.stop_receiving(conn)

@@ -2,6 +2,7 @@
 and bodies far over the limit. Each test starts real servers and talks to them over real sockets."""
 
 import json
+import re
 import select
 import socket
 import subprocess
@@ -239,6 +240,25 @@ def test_a_worker_whose_thread_is_busy_leaves_new_connections_to_the_other(produ
 
     hog.close()
     assert statuses == [200] * 20  # none queued behind the stuck thread while the other worker was free
+
+
+def test_a_worker_kept_busy_by_a_client_still_takes_new_connections_in_turn(start_production_server):
+    """A client that keeps a worker's thread busy (here 400 requests pipelined on one connection: each is served as
+    soon as the one before it is) does not keep a new connection waiting in the listen queue until it is done: the
+    worker takes it in turn, as it does with kept-alive clients that ask again as soon as they are answered."""
+    server = start_production_server(WEB_CONCURRENCY="1")
+    busy = connect(server)
+    busy.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+    answered = busy.recv(65536)  # the worker is at it
+
+    status, probe = call("GET", f"{server.url}/api/health")
+    while answered.count(b"HTTP/1.1 200") < 400:
+        answered += busy.recv(65536)
+    busy.close()
+
+    assert status == 200
+    last = max(re.findall(rb'"timestamp":"([^"]+)"', answered)).decode()
+    assert probe["timestamp"] < last, "the new connection waited for all 400 pipelined requests"
 
 
 def test_bodies_being_buffered_have_a_memory_budget_per_worker(production_server):
