@@ -18,7 +18,9 @@ class JSONProvider(DefaultJSONProvider):
     OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
     def dumps(self, obj, **kwargs) -> str:
-        return self.encode(obj, indent="indent" in kwargs).decode()
+        if kwargs:  # options for Flask's encoder (indent, separators, ...): Flask's encoder
+            return super().dumps(obj, **kwargs)
+        return self.encode(obj).decode()
 
     def encode(self, obj, indent: bool = False) -> bytes:
         try:
