@@ -231,10 +231,25 @@ def active_user(user_id: uuid.UUID) -> User:
 @bp.get("")
 def list_tasks():
     """A page of tasks, filtered and sorted as the query string asks.
+
+    The answer carries an ETag of its bytes: send it back as If-None-Match to get a 304 without a body while the
+    page is still the same (for polling clients).
     ---
-    parameters: [{in: query, schema: TaskQuerySchema}]
+    parameters:
+      - {in: query, schema: TaskQuerySchema}
+      - in: header
+        name: If-None-Match
+        required: false
+        schema: {type: string, example: '"3f2a9c0d1e4b5a6978c8d7e6f5a4b3c2d1e0f9a8"'}
+        description: "The ETag of a page you hold (for the same query): a 304 if it is unchanged."
     responses:
-      200: {description: A page of tasks., content: {application/json: {schema: TaskPageSchema}}}
+      200:
+        description: A page of tasks.
+        headers: {ETag: {description: "An ETag of the page.", schema: {type: string}}}
+        content: {application/json: {schema: TaskPageSchema}}
+      304:
+        description: The page is as the one whose ETag was sent; no body.
+        headers: {ETag: {description: "The same ETag.", schema: {type: string}}}
       400: {$ref: "#/components/responses/BadRequest"}
     """
     args, query, cursor = list_query()
@@ -254,18 +269,23 @@ def list_tasks():
     rows = db.session.execute(stmt.add_columns(total.scalar_subquery()).order_by(*order).limit(per_page + 1)).all()
     tasks, has_next = [row[0] for row in rows[:per_page]], len(rows) > per_page
     total = rows[0][1] if rows else db.session.scalar(total)
-    return {
-        "tasks": dump_page(task_schema, tasks),
-        "pagination": {
-            "page": page,
-            "per_page": per_page,
-            "total": total,
-            "pages": -(-total // per_page),
-            "has_next": has_next,
-            "has_prev": page > 1,
-            "next_cursor": make_cursor(query, args["sort_by"], tasks[-1], page + 1) if has_next else None,
-        },
-    }
+    response = jsonify(
+        {
+            "tasks": dump_page(task_schema, tasks),
+            "pagination": {
+                "page": page,
+                "per_page": per_page,
+                "total": total,
+                "pages": -(-total // per_page),
+                "has_next": has_next,
+                "has_prev": page > 1,
+                "next_cursor": make_cursor(query, args["sort_by"], tasks[-1], page + 1) if has_next else None,
+            },
+        }
+    )
+    response.add_etag()  # the page's bytes are the same for the same page: a cursor's signature has no time in it
+    response.headers["Cache-Control"] = "private, no-cache"  # a browser may keep it, but asks each time
+    return response.make_conditional(request)
 
 
 def creation_values(task: Task) -> dict:

@@ -429,3 +429,21 @@ def test_a_cursor_after_a_long_non_ascii_value_with_every_filter_works(client, a
 
     assert second["pagination"]["page"] == 2
     assert second["tasks"][0]["entity_name"] == name
+
+
+def test_a_polling_client_gets_a_304_while_the_page_is_unchanged(client, auth_headers, make_task):
+    task = make_task()
+    first = client.get("/api/tasks?per_page=5", headers=auth_headers)
+    etag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "private, no-cache"
+
+    unchanged = client.get("/api/tasks?per_page=5", headers=auth_headers | {"If-None-Match": etag})
+    assert (unchanged.status_code, unchanged.get_data(), unchanged.headers["ETag"]) == (304, b"", etag)
+
+    assert client.put(f"/api/tasks/{task['id']}", json={"note": "changed"}, headers=auth_headers).status_code == 200
+    changed = client.get("/api/tasks?per_page=5", headers=auth_headers | {"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"] != etag
+    assert changed.get_json()["tasks"][0]["note"] == "changed"
+    other_page = client.get("/api/tasks?per_page=4", headers=auth_headers | {"If-None-Match": etag})
+    assert other_page.status_code == 200  # another query, another page
