@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -337,6 +338,202 @@ event.listen(
 )
 event.listen(
     db.metadata, "after_drop", DDL("DROP FUNCTION IF EXISTS task_counts_apply()").execute_if(dialect="postgresql")
+)
+
+# The dashboard's time-based figures, kept like task_counts by triggers in the transaction of every write: the
+# dashboard then reads a few thousand kept rows at a million tasks and, where one of its windows starts or ends within
+# a day, that day's part of an index; never all the tasks of a period. Days are UTC days (on SQLite, the first ten
+# characters of the stored timestamp); deleted tasks are never counted. Rows whose count falls to 0 stay, as in
+# task_counts.
+#
+# task_day_counts: live tasks per (kind, day, status). "created": by status and the day of date_created; "due": open
+# tasks by the day of task_time; "closed": closed tasks by the day of closed_at.
+task_day_counts = Table(
+    "task_day_counts",
+    db.metadata,
+    Column("kind", String(10), primary_key=True),
+    Column("day", Date, primary_key=True),  # before status: a run of days is one range of the key
+    Column("status", String(10), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+# The times to close (closed_at - date_created, in microseconds) of the live closed tasks, for an exact median over
+# any run of closing days without sorting them all: how many there are per (closing day, bucket), a few dozen rows a
+# day, which tells the bucket of the middle one and its rank in it; and each time (with how many closings took
+# exactly that long) per (bucket, closing day), from which that bucket's are read in order.
+time_to_close_counts = Table(
+    "time_to_close_counts",
+    db.metadata,
+    Column("day", Date, primary_key=True),
+    Column("bucket", Integer, primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+times_to_close = Table(
+    "times_to_close",
+    db.metadata,
+    Column("bucket", Integer, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("microseconds", BigInteger, primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+
+def time_to_close_bucket(microseconds: int) -> int:
+    """The bucket of a time to close, as ``time_to_close_bucket_sql`` computes it: 20 per digit of the number of
+    microseconds, plus its first two digits divided by 5 (18 buckets per power of ten, each 5% to 50% wide), negative
+    for negative times (a task closed before it was created, which only plain SQL can write). It never decreases as
+    the time grows, so the buckets are in the order of the times they hold; and it is integer arithmetic on the
+    digits, exact and the same on both databases."""
+    digits = str(abs(microseconds))
+    size = 20 * len(digits) + int(digits[:2]) // 5
+    return -size if microseconds < 0 else size
+
+
+def time_to_close_bucket_sql(microseconds: str) -> str:
+    """SQL for ``time_to_close_bucket`` of the (integer) SQL expression ``microseconds``, the same on both databases."""
+    digits = f"CAST(abs({microseconds}) AS TEXT)"
+    sign = f"CASE WHEN {microseconds} < 0 THEN -1 ELSE 1 END"
+    return f"({sign}) * (20 * length({digits}) + CAST(substr({digits}, 1, 2) AS INTEGER) / 5)"
+
+
+def microseconds_to_close_sql(dialect: str, closed_at: str, date_created: str) -> str:
+    """SQL for ``closed_at - date_created`` in whole microseconds, exactly. PostgreSQL's epoch of the interval is an
+    exact numeric. SQLite keeps timestamps as text ('2025-01-15 10:00:00.123456') and its date functions round to the
+    millisecond: the whole seconds come from strftime('%s') of the first 19 characters, the microseconds from the
+    digits after them (as a fraction, rounded once more after the subtraction: exact for six digits)."""
+    if dialect == "postgresql":
+        return f"CAST(extract(epoch FROM {closed_at} - {date_created}) * 1000000 AS BIGINT)"
+
+    def whole(column: str) -> str:
+        return f"CAST(strftime('%s', substr({column}, 1, 19)) AS INTEGER)"
+
+    def fraction(column: str) -> str:
+        return f"CAST(substr({column}, 20) AS REAL)"
+
+    return (
+        f"(({whole(closed_at)} - {whole(date_created)}) * 1000000"
+        f" + CAST(round(({fraction(closed_at)} - {fraction(date_created)}) * 1000000) AS INTEGER))"
+    )
+
+
+# PostgreSQL: one trigger per statement, fed by the transition tables, as for task_counts. Each write's changes are
+# the rows it put in (+1) and took out (-1), live ones only; every kept table gets one grouped upsert of them, in key
+# order and always in the same order of tables, so that writers never lock kept rows in opposite orders. An update
+# that moves nothing (a note, an assignee) cancels out and writes nothing.
+_POSTGRESQL_FIGURES_CHANGES = {
+    "INSERT": "SELECT status, date_created, task_time, closed_at, 1 AS delta FROM new_rows WHERE deleted_at IS NULL",
+    "DELETE": "SELECT status, date_created, task_time, closed_at, -1 AS delta FROM old_rows WHERE deleted_at IS NULL",
+    "UPDATE": """SELECT status, date_created, task_time, closed_at, 1 AS delta FROM new_rows WHERE deleted_at IS NULL
+            UNION ALL
+            SELECT status, date_created, task_time, closed_at, -1 FROM old_rows WHERE deleted_at IS NULL""",
+}
+_POSTGRESQL_CLOSINGS = f"""SELECT day, {time_to_close_bucket_sql("microseconds")} AS bucket, microseconds, delta FROM (
+            SELECT (closed_at AT TIME ZONE 'UTC')::date AS day,
+                {microseconds_to_close_sql("postgresql", "closed_at", "date_created")} AS microseconds, delta
+            FROM changes WHERE closed_at IS NOT NULL
+        ) AS spans"""
+_POSTGRESQL_FIGURES_UPSERTS = (
+    """INSERT INTO task_day_counts AS counts (kind, day, status, n)
+        SELECT kind, day, status, sum(delta) FROM (
+            SELECT 'created' AS kind, status, (date_created AT TIME ZONE 'UTC')::date AS day, delta FROM changes
+            UNION ALL
+            SELECT 'due', status, (task_time AT TIME ZONE 'UTC')::date, delta FROM changes WHERE status = 'open'
+            UNION ALL
+            SELECT 'closed', status, (closed_at AT TIME ZONE 'UTC')::date, delta
+            FROM changes WHERE closed_at IS NOT NULL
+        ) AS days
+        GROUP BY kind, day, status HAVING sum(delta) <> 0 ORDER BY kind, day, status
+        ON CONFLICT (kind, day, status) DO UPDATE SET n = counts.n + excluded.n""",
+    """INSERT INTO time_to_close_counts AS counts (day, bucket, n)
+        SELECT day, bucket, sum(delta) FROM closings
+        GROUP BY day, bucket HAVING sum(delta) <> 0 ORDER BY day, bucket
+        ON CONFLICT (day, bucket) DO UPDATE SET n = counts.n + excluded.n""",
+    """INSERT INTO times_to_close AS counts (bucket, day, microseconds, n)
+        SELECT bucket, day, microseconds, sum(delta) FROM closings
+        GROUP BY bucket, day, microseconds HAVING sum(delta) <> 0 ORDER BY bucket, day, microseconds
+        ON CONFLICT (bucket, day, microseconds) DO UPDATE SET n = counts.n + excluded.n""",
+)
+
+
+def _postgresql_figures_branch(operation: str) -> str:
+    changes = _POSTGRESQL_FIGURES_CHANGES[operation]
+    return "".join(
+        f"""
+        WITH changes AS (
+            {changes}
+        ), closings AS (
+        {_POSTGRESQL_CLOSINGS}
+        )
+        {upsert};"""
+        for upsert in _POSTGRESQL_FIGURES_UPSERTS
+    )
+
+
+TASK_FIGURES_POSTGRESQL = (
+    f"""CREATE OR REPLACE FUNCTION task_figures_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN{_postgresql_figures_branch("INSERT")}
+    ELSIF TG_OP = 'DELETE' THEN{_postgresql_figures_branch("DELETE")}
+    ELSIF TG_OP = 'UPDATE' THEN{_postgresql_figures_branch("UPDATE")}
+    ELSE
+        TRUNCATE task_day_counts, time_to_close_counts, times_to_close;  -- TRUNCATE tasks
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    """CREATE TRIGGER task_figures_insert AFTER INSERT ON tasks REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_figures_apply()""",
+    """CREATE TRIGGER task_figures_update AFTER UPDATE ON tasks REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_figures_apply()""",
+    """CREATE TRIGGER task_figures_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION task_figures_apply()""",
+    """CREATE TRIGGER task_figures_truncate AFTER TRUNCATE ON tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION task_figures_apply()""",
+)
+
+
+def _sqlite_figures(row: str, delta: str) -> str:
+    """The row triggers' upserts that count ``row`` (NEW or OLD) ``delta`` (1 or -1) times, if it is live. SQLite
+    has one writer at a time: no order to keep. (Each SELECT ends in a WHERE, which SQLite's upsert needs.)"""
+    live = f"{row}.deleted_at IS NULL"
+    spans = (
+        f"(SELECT substr({row}.closed_at, 1, 10) AS day, "
+        f"{microseconds_to_close_sql('sqlite', f'{row}.closed_at', f'{row}.date_created')} AS microseconds)"
+    )
+    bucket = time_to_close_bucket_sql("microseconds")
+    return f"""
+    INSERT INTO task_day_counts (kind, status, day, n)
+    SELECT 'created', {row}.status, substr({row}.date_created, 1, 10), {delta} WHERE {live}
+    UNION ALL
+    SELECT 'due', {row}.status, substr({row}.task_time, 1, 10), {delta} WHERE {live} AND {row}.status = 'open'
+    UNION ALL
+    SELECT 'closed', {row}.status, substr({row}.closed_at, 1, 10), {delta} WHERE {live} AND {row}.closed_at IS NOT NULL
+    ON CONFLICT (kind, day, status) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO time_to_close_counts (day, bucket, n)
+    SELECT day, {bucket}, {delta} FROM {spans} WHERE {live} AND {row}.closed_at IS NOT NULL
+    ON CONFLICT (day, bucket) DO UPDATE SET n = n + excluded.n;
+    INSERT INTO times_to_close (bucket, day, microseconds, n)
+    SELECT {bucket}, day, microseconds, {delta} FROM {spans} WHERE {live} AND {row}.closed_at IS NOT NULL
+    ON CONFLICT (bucket, day, microseconds) DO UPDATE SET n = n + excluded.n;"""
+
+
+TASK_FIGURES_SQLITE = (
+    f"CREATE TRIGGER task_figures_insert AFTER INSERT ON tasks BEGIN{_sqlite_figures('NEW', '1')}\nEND",
+    f"""CREATE TRIGGER task_figures_update AFTER UPDATE OF date_created, task_time, status, closed_at, deleted_at
+    ON tasks
+    WHEN OLD.date_created IS NOT NEW.date_created OR OLD.task_time IS NOT NEW.task_time
+        OR OLD.status IS NOT NEW.status OR OLD.closed_at IS NOT NEW.closed_at
+        OR (OLD.deleted_at IS NULL) IS NOT (NEW.deleted_at IS NULL)
+    BEGIN{_sqlite_figures("OLD", "-1")}{_sqlite_figures("NEW", "1")}\nEND""",
+    f"CREATE TRIGGER task_figures_delete AFTER DELETE ON tasks BEGIN{_sqlite_figures('OLD', '-1')}\nEND",
+)
+
+# DDL() formats its statement with %: the '%s' of SQLite's strftime is written '%%s' for it.
+for _statement in TASK_FIGURES_POSTGRESQL:
+    event.listen(db.metadata, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
+for _statement in TASK_FIGURES_SQLITE:
+    event.listen(db.metadata, "after_create", DDL(_statement.replace("%", "%%")).execute_if(dialect="sqlite"))
+event.listen(
+    db.metadata, "after_drop", DDL("DROP FUNCTION IF EXISTS task_figures_apply()").execute_if(dialect="postgresql")
 )
 
 

@@ -1,43 +1,66 @@
-"""task_counts: the per (status, type, assignee) counts that triggers keep, checked against a full recount after
-every kind of write, through the API, in plain SQL, through migrations and under concurrent traffic."""
+"""The tables triggers keep: task_counts (per status, type and assignee) and the dashboard's task_day_counts,
+time_to_close_counts and times_to_close, each checked against a full recount after every kind of write, through the
+API, in plain SQL, through migrations and under concurrent traffic."""
 
 import random
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from app import create_app
 from helpers import GUNICORN, POSTGRES_URL, call, settings
-from models import Task, User, db, task_counts
+from models import (
+    Task,
+    User,
+    db,
+    task_counts,
+    task_day_counts,
+    time_to_close_bucket,
+    time_to_close_counts,
+    times_to_close,
+)
+
+MICROSECOND = timedelta(microseconds=1)
+KEPT_TABLES = (task_counts, task_day_counts, time_to_close_counts, times_to_close)
 
 
 def kept_and_recounted(connection) -> tuple[dict, dict]:
-    """The kept counts (zero rows left out) and a recount of the live tasks themselves, keyed alike."""
-    kept = {
-        (status, task_type, str(person) if person else None): n
-        for status, task_type, person, n in connection.execute(sa.select(task_counts))
-        if n
-    }
-    recounted = {
-        (status, task_type, str(person) if person else None): n
-        for status, task_type, person, n in connection.execute(
-            sa.select(Task.status, Task.task_type, Task.contact_person_id, sa.func.count())
-            .where(Task.deleted_at.is_(None))
-            .group_by(Task.status, Task.task_type, Task.contact_person_id)
-        )
-    }
-    return kept, recounted
+    """Every kept table's rows (zero rows left out) and a recount of the live tasks themselves, keyed alike: by the
+    table's name and its key (an assignee as text)."""
+    kept = {}
+    for table in KEPT_TABLES:
+        for *key, n in connection.execute(sa.select(table)):
+            if n:
+                kept[(table.name, *(str(value) if isinstance(value, uuid.UUID) else value for value in key))] = n
+    recounted = Counter()
+    live = connection.execute(
+        sa.select(
+            Task.status, Task.task_type, Task.contact_person_id, Task.date_created, Task.task_time, Task.closed_at
+        ).where(Task.deleted_at.is_(None))
+    )
+    for status, task_type, person, created, due, closed_at in live:
+        recounted["task_counts", status, task_type, str(person) if person else None] += 1
+        recounted["task_day_counts", "created", created.date(), status] += 1
+        if status == "open":
+            recounted["task_day_counts", "due", due.date(), status] += 1
+        if closed_at is not None:
+            took = (closed_at - created) // MICROSECOND
+            recounted["task_day_counts", "closed", closed_at.date(), status] += 1
+            recounted["time_to_close_counts", closed_at.date(), time_to_close_bucket(took)] += 1
+            recounted["times_to_close", time_to_close_bucket(took), closed_at.date(), took] += 1
+    return kept, dict(recounted)
 
 
 def assert_counts_exact(app) -> dict:
+    """Every kept table equals its recount; returns the recount of task_counts, keyed (status, type, assignee)."""
     with app.app_context():
         kept, recounted = kept_and_recounted(db.session)
     assert kept == recounted
-    return recounted
+    return {key[1:]: n for key, n in recounted.items() if key[0] == "task_counts"}
 
 
 def test_every_kind_of_api_write_keeps_the_counts_exact(
@@ -57,6 +80,7 @@ def test_every_kind_of_api_write_keeps_the_counts_exact(
         ("PUT", f"/api/tasks/{created[0]}", {"task_type": "Meeting"}),
         ("PUT", f"/api/tasks/{created[1]}", {"contact_person_id": alice}),
         ("PUT", f"/api/tasks/{created[2]}", {"note": "only the note"}),
+        ("PUT", f"/api/tasks/{created[2]}", {"task_time": "2026-01-02T03:04:05.678901Z"}),
         ("PUT", f"/api/tasks/{created[3]}", {"status": "closed", "task_type": "Follow-up", "contact_person_id": bob}),
         ("PATCH", f"/api/tasks/{created[4]}/status", {"status": "open"}),
         ("PATCH", "/api/tasks/bulk-status", {"task_ids": created, "status": "closed"}),  # some were closed already
@@ -69,6 +93,10 @@ def test_every_kind_of_api_write_keeps_the_counts_exact(
         response = client.open(path, method=method, json=body, headers=admin_headers)
         assert response.status_code == 200, (method, path, response.get_json())
         assert_counts_exact(app)
+    purge = app.test_cli_runner().invoke(args=["purge-deleted", "--older-than", "0h"])  # the deleted task, for good
+    assert purge.exit_code == 0, purge.output
+    assert "Purged 1 task(s)" in purge.output
+    assert_counts_exact(app)
 
     with app.app_context():  # bob's tasks become unassigned by the foreign key, and move with it
         db.session.delete(db.session.get(User, uuid.UUID(bob)))
@@ -130,6 +158,86 @@ def test_plain_sql_writes_of_many_rows_keep_the_counts_exact(app, user):
         assert assert_counts_exact(app) == {}
 
 
+def test_plain_sql_writes_of_the_times_keep_the_dashboard_tables_exact(app, user):
+    """Times a microsecond apart, at the extremes, spans in every range of buckets (negative ones too, which only
+    plain SQL can write), moved by multi-row UPDATEs of each time, of the status and of the deletion, then deleted."""
+    shuffle = random.Random(3)
+    base = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    rows = []
+    for n in range(300):
+        created = base - timedelta(days=shuffle.uniform(0, 60), microseconds=shuffle.randrange(10**6))
+        took = shuffle.choice(
+            [
+                timedelta(0),
+                MICROSECOND * shuffle.randrange(1, 100),
+                MICROSECOND * shuffle.randrange(10**12),
+                timedelta(days=shuffle.uniform(0, 90)),
+                -timedelta(hours=shuffle.uniform(0, 5)),
+            ]
+        )
+        closed = n % 3 != 0
+        rows.append(
+            {
+                "id": uuid.uuid4(),
+                "date_created": created,
+                "task_time": created + timedelta(days=shuffle.uniform(-3, 30)),
+                "status": "closed" if closed else "open",
+                "closed_at": created + took if closed else None,
+                "deleted_at": base if n % 17 == 0 else None,
+            }
+        )
+    first, last = datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    rows += [
+        {"id": uuid.uuid4(), "date_created": first, "task_time": last, "status": "closed", "closed_at": last},
+        {"id": uuid.uuid4(), "date_created": last, "task_time": first, "status": "closed", "closed_at": first},
+        {"id": uuid.uuid4(), "date_created": first, "task_time": first, "status": "open", "closed_at": None},
+        {"id": uuid.uuid4(), "date_created": last, "task_time": last, "status": "open", "closed_at": None},
+    ]
+    for row in rows:
+        row |= {"entity_name": "ABC Corporation", "task_type": "Call", "updated_at": base}
+        row.setdefault("deleted_at", None)
+    ids = [row["id"] for row in rows]
+
+    def moved(column, by: dict):
+        """``column`` set, in one statement, to by[id] for each id given (their rows only)."""
+        return sa.update(Task).where(Task.id.in_(list(by))).values({column: sa.case(by, value=Task.id)})
+
+    def some(share: float) -> list[uuid.UUID]:
+        return shuffle.sample(ids, int(len(ids) * share))
+
+    by_id = {row["id"]: row for row in rows}
+    closed_ids = [row["id"] for row in rows if row["closed_at"] is not None]
+    steps = [
+        sa.insert(Task).values(rows),
+        moved(Task.task_time, {i: by_id[i]["task_time"] + timedelta(hours=20) for i in some(0.3) if i not in ids[-4:]}),
+        moved(Task.date_created, {i: by_id[i]["date_created"] - MICROSECOND for i in some(0.3) if i not in ids[-4:]}),
+        moved(Task.closed_at, {i: by_id[i]["closed_at"] + MICROSECOND for i in closed_ids[:150]}),
+        sa.update(Task).where(Task.id.in_(closed_ids[100:200])).values(status="open", closed_at=None),
+        sa.update(Task)
+        .where(Task.id.in_(closed_ids[150:250]), Task.status == "open")
+        .values(status="closed", closed_at=base + timedelta(minutes=5)),
+        sa.update(Task).where(Task.id.in_(some(0.2))).values(deleted_at=base),
+        sa.update(Task).where(Task.id.in_(some(0.3))).values(deleted_at=None),
+        sa.update(Task).where(Task.id.in_(some(0.2))).values(note="no time changes"),
+        sa.delete(Task).where(Task.id.in_(some(0.2))),
+    ]
+    for step in steps:
+        with app.app_context():
+            db.session.execute(step)
+            db.session.commit()
+        assert_counts_exact(app)
+    with app.app_context():
+        kept, _ = kept_and_recounted(db.session)
+    assert {key[0] for key in kept} == {table.name for table in KEPT_TABLES}
+    assert any(key[0] == "times_to_close" and key[-1] < 0 for key in kept)  # a negative time to close
+
+    with app.app_context():
+        db.session.execute(sa.text("TRUNCATE tasks" if POSTGRES_URL else "DELETE FROM tasks"))
+        db.session.commit()
+        kept, recounted = kept_and_recounted(db.session)
+    assert kept == recounted == {}
+
+
 def test_list_totals_and_the_dashboard_agree_with_a_recount(
     app, client, auth_headers, user, other_user, make_task, sql_statements
 ):
@@ -178,7 +286,8 @@ def trigger_definitions(connection) -> list[str]:
     query = (
         "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
         "WHERE tgrelid IN ('tasks'::regclass, 'task_events'::regclass) AND NOT tgisinternal "
-        "UNION ALL SELECT prosrc FROM pg_proc WHERE proname IN ('task_counts_apply', 'task_events_append_only') "
+        "UNION ALL SELECT prosrc FROM pg_proc "
+        "WHERE proname IN ('task_counts_apply', 'task_figures_apply', 'task_events_append_only') "
         "ORDER BY 1"
     )
     return connection.execute(sa.text(query)).scalars().all()
@@ -194,8 +303,8 @@ def test_migrations_create_the_triggers_the_models_create(app, fresh_database_ur
     with app.app_context():
         from_models = trigger_definitions(db.session)
 
-    # The counts' triggers (and function) on tasks, and the append-only ones on task_events.
-    assert len(from_models) == (7 if POSTGRES_URL else 5)
+    # The kept tables' triggers (and functions) on tasks, and the append-only ones on task_events.
+    assert len(from_models) == (12 if POSTGRES_URL else 8)
     assert from_migrations == from_models
 
 
@@ -224,7 +333,57 @@ def test_upgrading_counts_the_tasks_already_there(fresh_database_url, tmp_path):
         kept, recounted = kept_and_recounted(connection)
     engine.dispose()
     assert kept == recounted
-    assert sum(kept.values()) == 30
+    assert sum(n for key, n in kept.items() if key[0] == "task_counts") == 30
+
+
+def test_upgrading_to_the_kept_dashboard_tables_fills_them_and_downgrading_drops_them(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["db", "upgrade", "0004"]).exit_code == 0
+    base, shuffle = datetime(2026, 5, 4, 9, 30, tzinfo=UTC), random.Random(9)
+    rows = []
+    for n in range(120):
+        created = base - timedelta(days=shuffle.uniform(0, 50), microseconds=shuffle.randrange(10**6))
+        closed_at = created + MICROSECOND * shuffle.randrange(10**11) if n % 2 else None
+        rows.append(
+            {
+                "id": uuid.uuid4(),
+                "entity_name": "ABC Corporation",
+                "task_type": "Call",
+                "date_created": created,
+                "task_time": created + timedelta(days=shuffle.uniform(-2, 20)),
+                "updated_at": created,
+                "status": "closed" if closed_at else "open",
+                "closed_at": closed_at,
+                "deleted_at": base if n % 7 == 0 else None,
+            }
+        )
+    engine = sa.create_engine(fresh_database_url)
+    with engine.begin() as connection:
+        connection.execute(sa.insert(Task), rows)
+
+    def kept_tables() -> set[str]:
+        with engine.connect() as connection:
+            return set(sa.inspect(connection).get_table_names()) & {table.name for table in KEPT_TABLES}
+
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    assert kept == recounted
+    assert sum(n for key, n in kept.items() if key[0] == "time_to_close_counts") == sum(
+        1 for row in rows if row["closed_at"] and not row["deleted_at"]
+    )
+
+    assert runner.invoke(args=["db", "downgrade", "0004"]).exit_code == 0
+    assert kept_tables() == {"task_counts"}
+    with engine.begin() as connection:  # no trigger left behind to write to the dropped tables
+        connection.execute(sa.update(Task).values(status="open", closed_at=None))
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    engine.dispose()
+    assert kept == recounted
+    assert not any(key[0] == "times_to_close" for key in kept)
 
 
 def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_database_url):
@@ -248,6 +407,10 @@ def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_d
     operations = [("PATCH", "/api/tasks/bulk-status", {"task_ids": shuffle.sample(ids, 60), "status": s}) for s in
                   ["open", "closed"] * 20]  # fmt: skip
     operations += [("PUT", f"/api/tasks/{task_id}", {"task_type": "Review"}) for task_id in ids[:30]]
+    due_days = [f"2025-01-{n % 28 + 1:02d}T09:00:00.{n:06d}Z" for n in range(30)]  # moves between due days
+    operations += [
+        ("PUT", f"/api/tasks/{task_id}", {"task_time": day}) for task_id, day in zip(ids[80:110], due_days, strict=True)
+    ]
     operations += [("PATCH", f"/api/tasks/{task_id}/status", {"status": "closed"}) for task_id in ids[30:60]]
     operations += [("DELETE", f"/api/tasks/{task_id}", None) for task_id in ids[60:80]]
     operations += [("POST", "/api/tasks", None)] * 40
@@ -268,7 +431,7 @@ def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_d
         kept, recounted = kept_and_recounted(connection)
     engine.dispose()
     assert kept == recounted
-    assert sum(kept.values()) == 120 - 20 + 40
+    assert sum(n for key, n in kept.items() if key[0] == "task_counts") == 120 - 20 + 40
     server.stop()
     assert "Traceback" not in server.log.read_text()
 
