@@ -73,7 +73,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
-        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "If-Match", "Idempotency-Key"],
+        allow_headers=["Authorization", "Content-Type", "X-Request-ID", "If-Match", "If-None-Match", "Idempotency-Key"],
         expose_headers=[
             "X-Request-ID",
             "ETag",

@@ -40,6 +40,7 @@ def check_api(output: str) -> None:
     assert " ef bb bf\n" in output  # the file for Excel starts with a byte-order mark
     assert '"page":2,"pages":2' in flat(output)  # the page after the cursor
     assert re.search(r"^304$", output, re.MULTILINE)  # the polled page, unchanged
+    assert "dashboard 304\n" in output  # the polled dashboard, unchanged
     assert output.count('"refresh_token":') == 2  # registration and the refresh by body print theirs
     first, retry = re.search(r"^first (\S+)\nretry (\S+)$", output, re.MULTILINE).groups()
     assert first == retry  # the retry with the Idempotency-Key got the first task back
