@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
+from weakref import WeakSet
 
 from filelock import FileLock
 from flask import has_request_context, request
@@ -147,23 +148,35 @@ def reads_without_transactions(engine: Engine) -> None:
     DELETE), and each of its statements sees a consistent snapshot of its own, which is all a read needs where
     one statement answers it (the task list brings its total in its page's statement).
 
-    psycopg2 sends BEGIN only before a transaction's first statement, so the connection is switched to autocommit
-    when the session's transaction begins (nothing sent yet; a test's connection already inside a transaction is
-    left alone), and back when it returns to the pool, before anyone else can use it."""
+    psycopg2 sends BEGIN only before a transaction's first statement, so a connection of ``engine`` is switched to
+    autocommit when an app session's transaction begins on it (nothing sent yet), and back when it returns to the
+    pool, before anyone else can use it. Other engines' connections, and other sessions (the PostgreSQL tests'
+    session inside a transaction of their own), are left alone."""
     if engine.dialect.name != "postgresql":
         return
+    AUTOCOMMIT_ENGINES.add(engine)
 
     @event.listens_for(engine, "checkin")
-    def transactions_again(dbapi_connection, _record) -> None:
-        if dbapi_connection is not None and dbapi_connection.autocommit:
+    def transactions_again(dbapi_connection, record) -> None:
+        if dbapi_connection is None or not dbapi_connection.autocommit:
+            return
+        try:
             dbapi_connection.autocommit = False
+        except dbapi_connection.Error:  # closed under it: the pool connects afresh next time
+            record.invalidate()
 
     if not event.contains(FlaskSQLAlchemySession, "after_begin", autocommit_reads):
         event.listen(FlaskSQLAlchemySession, "after_begin", autocommit_reads)
 
 
+# Engines whose connections are switched back to transactions at checkin: only theirs are switched to autocommit.
+AUTOCOMMIT_ENGINES: WeakSet[Engine] = WeakSet()
+
+
 def autocommit_reads(_session, _transaction, connection) -> None:
-    if not has_request_context() or request.method not in ("GET", "HEAD") or connection.dialect.name != "postgresql":
+    """``after_begin`` of the app's sessions: the switch described in ``reads_without_transactions``."""
+    reading = has_request_context() and request.method in ("GET", "HEAD")
+    if not reading or connection.engine not in AUTOCOMMIT_ENGINES:
         return
     dbapi_connection = connection.connection.dbapi_connection
     if dbapi_connection.status == STATUS_READY:

@@ -239,6 +239,7 @@ class BufferingWorker(ThreadWorker):
         self.draining = deque()  # [deadline, socket, bytes read] of sockets being drained before closing
         self.busy = 0  # requests handed to the threads and not finished
         self.last_finished = 0.0  # when a request last finished (time.monotonic())
+        self.accept_turn = False  # a request finished since a connection was last accepted while busy
         self.queue_waiting_since = None  # since when connections have waited in the listen queue, as last seen
         self.reserved = 0  # bytes of BODY_BUDGET reserved by bodies arriving
         self.accept_paused_until = 0.0
@@ -250,18 +251,19 @@ class BufferingWorker(ThreadWorker):
     def set_accept_enabled(self, enabled):
         """Accept while a thread is free, as a sync worker does: a busy worker leaves new connections to an idle one
         rather than queue them behind its own. But when connections have waited in the listen queue for
-        QUEUE_PATIENCE (no worker was free to take them) a busy worker that is getting through its requests takes
-        them in turn with its kept-alive clients, who would otherwise keep it busy for as long as they go on
-        (wrk with 16 kept-alive clients: requests waiting over 2 s). One stuck on a request takes none."""
+        QUEUE_PATIENCE (no worker was free to take them), a busy worker takes one for each request it finishes (a
+        finish within PROGRESS_WINDOW), in turn with its kept-alive clients, who would otherwise keep it busy for
+        as long as they go on (wrk with 16 kept-alive clients: requests waiting over 2 s). One stuck on a request
+        takes none. The listeners have the master's first descriptors, so select() suits them."""
         now = time.monotonic()
         free = self.busy < self.cfg.threads
-        if not free and now - self.last_finished < PROGRESS_WINDOW:
-            waiting = any(select.select(self.sockets, [], [], 0)[0])
-            if not waiting:
-                self.queue_waiting_since = None
-            elif self.queue_waiting_since is None:
-                self.queue_waiting_since = now
-            free = waiting and now - self.queue_waiting_since >= QUEUE_PATIENCE
+        turn = not free and self.accept_turn and now - self.last_finished < PROGRESS_WINDOW
+        waiting = turn and any(select.select(self.sockets, [], [], 0)[0])
+        if not waiting:
+            self.queue_waiting_since = None
+        elif self.queue_waiting_since is None:
+            self.queue_waiting_since = now
+        free = free or (waiting and now - self.queue_waiting_since >= QUEUE_PATIENCE)
         super().set_accept_enabled(enabled and free and now >= self.accept_paused_until)
 
     def update_accepting(self):
@@ -271,6 +273,7 @@ class BufferingWorker(ThreadWorker):
     def finish_request(self, conn, fs):
         self.busy -= 1
         self.last_finished = time.monotonic()
+        self.accept_turn = True
         super().finish_request(conn, fs)
         self.update_accepting()
 
@@ -288,7 +291,10 @@ class BufferingWorker(ThreadWorker):
                 raise
             return None
         self.nr_conns += 1
+        if self.busy >= self.cfg.threads:  # its turn taken: the next is after another request finishes
+            self.accept_turn = False
         self.receive(BufferedConn(self, self.cfg, client, address, listener.getsockname()))
+        self.update_accepting()
         return None
 
     def on_client_socket_readable(self, conn, client):

@@ -658,6 +658,8 @@ def dump_page(schema: Schema, rows) -> list[dict]:
     """A page of tasks (or events), as ``schema.dump(rows, many=True)`` gives it, at a fraction of the cost: see
     ``page_dumper``. Each person on the page is dumped once (a page of 20 tasks names about a dozen people, twice
     each)."""
+    if schema.only or schema.exclude:
+        raise TypeError("A schema with only or exclude: dump it with marshmallow itself.")
     dump = page_dumper(type(schema))
     people = {}
     return [dump(row, people) for row in rows]
@@ -675,10 +677,14 @@ def page_dumper(schema_class: type[Schema]) -> Callable[[object, dict], dict]:
     schema = schema_class()
     if any(schema._hooks[hook] for hook in ("pre_dump", "post_dump")):
         raise TypeError(f"{schema_class.__name__} has dump hooks: dump it with marshmallow itself.")
+    if schema.only or schema.exclude:
+        raise TypeError(f"{schema_class.__name__} has only or exclude: dump it with marshmallow itself.")
     steps = []
     for name, field in schema.dump_fields.items():
         if isinstance(field, fields.Method | fields.Function | fields.Constant) or "." in (field.attribute or ""):
             raise TypeError(f"{schema_class.__name__}.{name} is not read from an attribute: dump it with marshmallow.")
+        if isinstance(field, fields.Nested) and (field.only or field.exclude or not isinstance(field, Person)):
+            raise TypeError(f"{schema_class.__name__}.{name} nests another way than Person: dump it with marshmallow.")
         nested = page_dumper(field.schema.__class__) if isinstance(field, Person) else None
         steps.append((field.data_key or name, field.attribute or name, field._serialize, nested))
 

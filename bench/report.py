@@ -392,7 +392,7 @@ def why_section(results: dict) -> list[str]:
             "",
             f"{len(over)} endpoints take more than 1.5 x their SQL time + 3 ms. Their p50 split into PostgreSQL's "
             "time, the app's own work in-process (the test client: routing, token check, rate limiter's Redis calls, "
-            "ORM, serialising, round trips EXPLAIN does not count such as the pool's pre-ping and BEGIN/COMMIT) and "
+            "ORM, serialising, round trips EXPLAIN does not count such as a write's BEGIN and COMMIT) and "
             "the rest (HTTP parsing, gunicorn, and waiting for one of the cores):",
             "",
             "| Scenario | p50 ms | allowed ms | SQL ms | app in-process, less SQL, ms | p50 less in-process, ms |",
@@ -463,7 +463,7 @@ def results_markdown(results: dict, chart: str) -> str:
         f"- SQL ms: the statements one request of the scenario sends (recorded in-process with a SQLAlchemy "
         f"listener), each run under `EXPLAIN (ANALYZE, TIMING OFF)` {meta['sql_runs']} times after a warm-up, "
         "inside a rolled-back transaction; median of planning + execution time (triggers included), summed over "
-        "the request. It leaves out the round trips of the pool's pre-ping and of BEGIN/COMMIT, and the network.",
+        "the request. It leaves out a write's BEGIN and COMMIT (a read sends neither), and the network.",
         "- In-process ms: the median of a second's worth of requests through Flask's test client in one process "
         "after the load: the whole app, its SQL and the rate limiter's Redis calls included, without HTTP and "
         "gunicorn. Where that time goes, by category (token check, limiter, SQL, ORM, dumping, JSON, logging, "

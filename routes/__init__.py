@@ -85,6 +85,19 @@ def still_working() -> None:
         heartbeat()
 
 
+def unless_unchanged(response):
+    """``response`` (a 200 with its ETag set), or, when If-None-Match names that ETag (weak comparison, as RFC 9110
+    has it), a 304 with the same ETag and headers and no body. Only If-None-Match is honoured: Werkzeug's
+    make_conditional would also answer a GET's If-Match with a 412 carrying the whole answer as its body."""
+    etag, _weak = response.get_etag()
+    if etag is not None and request.if_none_match.contains_weak(etag):
+        response.status_code = 304
+        response.set_data(b"")
+        for header in ("Content-Type", "Content-Length"):
+            response.headers.pop(header, None)
+    return response
+
+
 def require_login() -> None:
     """``before_request`` guard for blueprints where every endpoint needs a valid access token."""
     verify_jwt_in_request()  # lets CORS preflights (OPTIONS) through by itself

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from itertools import pairwise
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from sqlalchemy import (
     BigInteger,
     Date,
@@ -42,7 +42,7 @@ from models import (
     times_to_close,
     utcnow,
 )
-from routes import load_args, require_login
+from routes import load_args, require_login, unless_unchanged
 from routes.tasks import COUNTED_FILTERS, FILTERS, task_filters
 from schemas import DashboardSchema, TaskFilterSchema
 
@@ -565,4 +565,4 @@ def dashboard():
     response = jsonify(body)
     response.set_etag(figures_etag(body), weak=True)
     response.headers["Cache-Control"] = "private, no-cache"  # a browser may keep it, but asks each time
-    return response.make_conditional(request)
+    return unless_unchanged(response)

@@ -86,6 +86,12 @@ class CountingRedisStorage(RedisStorage):
             return window
         return super().get_moving_window(key, limit, expiry)
 
+    def clear(self, key: str) -> None:
+        if has_request_context():
+            for kept in [kept for kept in g.get("moving_windows", {}) if kept[0] == key]:
+                del g.moving_windows[kept]
+        super().clear(key)
+
 
 def client_address() -> str:
     """The caller's address: the connection's, or X-Forwarded-For's as far as ProxyFix trusts it."""

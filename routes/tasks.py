@@ -10,7 +10,7 @@ from marshmallow import ValidationError
 from sqlalchemy import func, insert, literal, select, tuple_, update
 
 from models import Task, TaskEvent, User, db, task_counts, utcnow
-from routes import idempotency, load_args, load_json, require_login
+from routes import idempotency, load_args, load_json, require_login, unless_unchanged
 from routes.errors import APIError
 from schemas import (
     BulkStatusSchema,
@@ -285,7 +285,7 @@ def list_tasks():
     )
     response.add_etag()  # the page's bytes are the same for the same page: a cursor's signature has no time in it
     response.headers["Cache-Control"] = "private, no-cache"  # a browser may keep it, but asks each time
-    return response.make_conditional(request)
+    return unless_unchanged(response)
 
 
 def creation_values(task: Task) -> dict:

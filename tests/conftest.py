@@ -72,9 +72,10 @@ SCHEMA_CREATED = pytest.StashKey[bool]()
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MIGRATION_SCRIPTS = ScriptDirectory(MIGRATIONS)
 # test_failure.py needs PostgreSQL in any run (it cuts a TCP line between the app and it) and covers both databases
-# itself; test_query_plans.py checks PostgreSQL's plans. Both are collected in the PostgreSQL run only, so once per
-# `make test`, and never skipped. (A path named on the command line is collected whatever this says.)
-collect_ignore = [] if POSTGRES_URL else ["test_failure.py", "test_query_plans.py"]
+# itself; test_query_plans.py and test_analytics_postgresql.py check PostgreSQL's plans. They are collected in the
+# PostgreSQL run only, so once per `make test`, and never skipped. (A path named on the command line is collected
+# whatever this says.)
+collect_ignore = [] if POSTGRES_URL else ["test_failure.py", "test_query_plans.py", "test_analytics_postgresql.py"]
 
 
 def pytest_report_header(config):
@@ -344,6 +345,18 @@ def make_task(app, user):
             return TaskSchema().dump(db.session.get(Task, task.id))
 
     return make
+
+
+@pytest.fixture
+def frozen_now(monkeypatch):
+    """Freeze the dashboard's clock at ``now`` (the real now unless given), so each boundary can be hit exactly."""
+
+    def freeze(now: datetime | None = None) -> datetime:
+        now = now or datetime.now(UTC)
+        monkeypatch.setattr("routes.analytics.utcnow", lambda: now)
+        return now
+
+    return freeze
 
 
 @pytest.fixture

@@ -164,11 +164,13 @@ def test_a_signed_in_request_decodes_its_token_once(app, client, auth_headers, m
 def test_a_counted_request_takes_one_round_trip_to_redis(app, client, auth_headers, redis_prefix, monkeypatch):
     """The hit and the X-RateLimit-* headers' figures come back together (routes.limits.CountingRedisStorage)."""
     store = app.extensions["rate_limiter"].limiter.storage.get_connection()
+    first = client.get("/api/tasks", headers=auth_headers)  # Redis may have to load the script: not counted
+    assert first.headers["X-RateLimit-Remaining"] == "3"
     commands = []
     execute = store.execute_command
     monkeypatch.setattr(store, "execute_command", lambda *args, **kw: commands.append(args[0]) or execute(*args, **kw))
 
-    for remaining in (3, 2, 1, 0):
+    for remaining in (2, 1, 0):
         commands.clear()
         response = client.get("/api/tasks", headers=auth_headers)
         assert response.status_code == 200

@@ -55,6 +55,11 @@ def test_schemas_the_page_dumper_cannot_copy_are_refused():
     class WithPath(Schema):
         name = fields.String(attribute="owner.name")
 
-    for schema in (WithHook, WithMethod, WithPath):
+    class WithSome(Schema):
+        owner = fields.Nested(UserSchema, only=("id",))
+
+    for schema in (WithHook, WithMethod, WithPath, WithSome):
         with pytest.raises(TypeError, match="marshmallow"):
             page_dumper(schema)
+    with pytest.raises(TypeError, match="marshmallow"):
+        dump_page(TaskSchema(only=("id",)), [])

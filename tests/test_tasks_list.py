@@ -447,3 +447,16 @@ def test_a_polling_client_gets_a_304_while_the_page_is_unchanged(client, auth_he
     assert changed.get_json()["tasks"][0]["note"] == "changed"
     other_page = client.get("/api/tasks?per_page=4", headers=auth_headers | {"If-None-Match": etag})
     assert other_page.status_code == 200  # another query, another page
+
+
+@pytest.mark.parametrize("path", ["/api/tasks", "/api/analytics/dashboard"])
+def test_if_match_on_a_polled_read_changes_nothing(client, auth_headers, make_task, path):
+    """If-Match belongs to writes: on the list and the dashboard it is ignored, never a 412 with the answer as
+    its body; If-None-Match "*" matches any answer."""
+    make_task()
+    plain = client.get(path, headers=auth_headers)
+
+    with_if_match = client.get(path, headers=auth_headers | {"If-Match": '"not-this-one"'})
+    assert with_if_match.status_code == 200
+    assert with_if_match.get_json().keys() == plain.get_json().keys()
+    assert client.get(path, headers=auth_headers | {"If-None-Match": "*"}).status_code == 304
