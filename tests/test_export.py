@@ -548,7 +548,7 @@ def test_a_slow_download_through_gunicorn_outlives_the_worker_timeout(servers, e
     """A sync worker streaming an export is busy, not stuck: it tells gunicorn so at every batch, so a download
     that takes longer than the worker timeout (5 s here, 30 s by default) is not killed half way. Without that
     heartbeat gunicorn kills the worker after 5 s and the download breaks off."""
-    rows = 60_000  # about 18 MB: more than the loopback's socket buffers hold, so the server waits for the reader
+    rows = 40_000  # about 12 MB: more than the loopback's socket buffers hold, so the server waits for the reader
     server = servers.start([*GUNICORN, "--workers", "1"], environment | {"GUNICORN_TIMEOUT": "5"})
     token = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1][
         "access_token"
