@@ -50,7 +50,7 @@ format: $(VENV)/.dev-installed  ## Rewrite the code in the project's style
 # with pytest's exit code 5, no tests collected: no failure then. Without a selection, a run that collects nothing fails.
 PYTEST = $(BIN)/python -m pytest $(PYTEST_ARGS)$(if $(strip $(PYTEST_ARGS)), || [ $$? -eq 5 ])
 
-test: lint browser  ## Lint, then the whole suite on SQLite and on PostgreSQL at once (about 7 min on 2 cores)
+test: lint browser  ## Lint, then the whole suite on SQLite and on PostgreSQL at once (under 8 min on 2 cores)
 	@echo "The suite on SQLite and on PostgreSQL at once: each run's output follows when it ends."
 	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-postgres
 
