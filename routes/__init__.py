@@ -86,9 +86,11 @@ def still_working() -> None:
 
 
 def unless_unchanged(response):
-    """``response`` (a 200 with its ETag set), or, when If-None-Match names that ETag (weak comparison, as RFC 9110
-    has it), a 304 with the same ETag and headers and no body. Only If-None-Match is honoured: Werkzeug's
-    make_conditional would also answer a GET's If-Match with a 412 carrying the whole answer as its body."""
+    """``response`` (a 200 with its ETag set) for a polling client: a browser may keep it but asks each time
+    (``private, no-cache``), and when If-None-Match names that ETag (weak comparison, as RFC 9110 has it), a 304
+    with the same ETag and headers and no body. Only If-None-Match is honoured: Werkzeug's make_conditional would
+    also answer a GET's If-Match with a 412 carrying the whole answer as its body."""
+    response.headers["Cache-Control"] = "private, no-cache"
     etag, _weak = response.get_etag()
     if etag is not None and request.if_none_match.contains_weak(etag):
         response.status_code = 304

@@ -62,7 +62,7 @@ ERROR_HEADERS = {
         "Retry-After": {"description": "Seconds to wait (5).", "required": True, "schema": {"type": "integer"}},
     },
 }
-# Request headers some writes honour, and the response header that goes with If-Match.
+# Request headers some operations honour, and the response header that goes with If-Match.
 HEADER_PARAMETERS = {
     "IfMatch": {
         "in": "header",
@@ -71,6 +71,13 @@ HEADER_PARAMETERS = {
         "schema": {"type": "string", "example": '"3"'},
         "description": "The ETag (version) you read: a 412 if the task has changed since. Without it, the last "
         "write wins.",
+    },
+    "IfNoneMatch": {
+        "in": "header",
+        "name": "If-None-Match",
+        "required": False,
+        "schema": {"type": "string", "example": '"3f2a9c0d1e4b5a6978c8d7e6f5a4b3c2d1e0f9a8"'},
+        "description": "The ETag of the answer you hold (for the same query): a 304 without a body if it is unchanged.",
     },
     "IdempotencyKey": {
         "in": "header",

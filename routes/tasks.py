@@ -235,13 +235,7 @@ def list_tasks():
     The answer carries an ETag of its bytes: send it back as If-None-Match to get a 304 without a body while the
     page is still the same (for polling clients).
     ---
-    parameters:
-      - {in: query, schema: TaskQuerySchema}
-      - in: header
-        name: If-None-Match
-        required: false
-        schema: {type: string, example: '"3f2a9c0d1e4b5a6978c8d7e6f5a4b3c2d1e0f9a8"'}
-        description: "The ETag of a page you hold (for the same query): a 304 if it is unchanged."
+    parameters: [{in: query, schema: TaskQuerySchema}, IfNoneMatch]
     responses:
       200:
         description: A page of tasks.
@@ -284,7 +278,6 @@ def list_tasks():
         }
     )
     response.add_etag()  # the page's bytes are the same for the same page: a cursor's signature has no time in it
-    response.headers["Cache-Control"] = "private, no-cache"  # a browser may keep it, but asks each time
     return unless_unchanged(response)
 
 
