@@ -340,6 +340,89 @@ event.listen(
     db.metadata, "after_drop", DDL("DROP FUNCTION IF EXISTS task_counts_apply()").execute_if(dialect="postgresql")
 )
 
+# How many live tasks there are per (entity name, status), kept like task_counts: the partial entity-name filter's
+# exact total and the facets' entity names are then summed from a few thousand rows (one per name and status in use)
+# instead of counted from the tasks. A name is stored as the tasks hold it, so that the list's filter (ILIKE on
+# PostgreSQL, lower() LIKE lower() on SQLite) selects a kept row exactly when it selects that row's tasks. Rows whose
+# count falls to 0 stay, as in task_counts, and are left out where they are read.
+entity_name_counts = Table(
+    "entity_name_counts",
+    db.metadata,
+    Column("entity_name", String(255), primary_key=True),
+    Column("status", String(10), primary_key=True),
+    Column("n", Integer, nullable=False),
+)
+
+# PostgreSQL: one trigger per statement with transition tables, each write's changes grouped into one upsert in key
+# order, as for task_counts. An update that moves no task between names, statuses or out of the live ones writes
+# nothing.
+ENTITY_NAME_COUNTS_POSTGRESQL = (
+    """CREATE OR REPLACE FUNCTION entity_name_counts_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO entity_name_counts AS counts (entity_name, status, n)
+        SELECT entity_name, status, count(*) FROM new_rows WHERE deleted_at IS NULL
+        GROUP BY entity_name, status ORDER BY entity_name, status
+        ON CONFLICT (entity_name, status) DO UPDATE SET n = counts.n + excluded.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO entity_name_counts AS counts (entity_name, status, n)
+        SELECT entity_name, status, -count(*) FROM old_rows WHERE deleted_at IS NULL
+        GROUP BY entity_name, status ORDER BY entity_name, status
+        ON CONFLICT (entity_name, status) DO UPDATE SET n = counts.n + excluded.n;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO entity_name_counts AS counts (entity_name, status, n)
+        SELECT entity_name, status, sum(delta) FROM (
+            SELECT entity_name, status, 1 AS delta FROM new_rows WHERE deleted_at IS NULL
+            UNION ALL
+            SELECT entity_name, status, -1 FROM old_rows WHERE deleted_at IS NULL
+        ) AS changes
+        GROUP BY entity_name, status HAVING sum(delta) <> 0 ORDER BY entity_name, status
+        ON CONFLICT (entity_name, status) DO UPDATE SET n = counts.n + excluded.n;
+    ELSE
+        TRUNCATE entity_name_counts;  -- TRUNCATE tasks
+    END IF;
+    RETURN NULL;
+END
+$$""",
+    """CREATE TRIGGER entity_name_counts_insert AFTER INSERT ON tasks REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION entity_name_counts_apply()""",
+    """CREATE TRIGGER entity_name_counts_update AFTER UPDATE ON tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION entity_name_counts_apply()""",
+    """CREATE TRIGGER entity_name_counts_delete AFTER DELETE ON tasks REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION entity_name_counts_apply()""",
+    """CREATE TRIGGER entity_name_counts_truncate AFTER TRUNCATE ON tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION entity_name_counts_apply()""",
+)
+
+
+def _sqlite_entity_names(row: str, delta: str) -> str:
+    """The row triggers' upsert that counts ``row`` (NEW or OLD) ``delta`` times, if it is live."""
+    return f"""
+    INSERT INTO entity_name_counts (entity_name, status, n)
+    SELECT {row}.entity_name, {row}.status, {delta} WHERE {row}.deleted_at IS NULL
+    ON CONFLICT (entity_name, status) DO UPDATE SET n = n + excluded.n;"""
+
+
+ENTITY_NAME_COUNTS_SQLITE = (
+    f"CREATE TRIGGER entity_name_counts_insert AFTER INSERT ON tasks BEGIN{_sqlite_entity_names('NEW', '1')}\nEND",
+    f"""CREATE TRIGGER entity_name_counts_update AFTER UPDATE OF entity_name, status, deleted_at ON tasks
+    WHEN OLD.entity_name IS NOT NEW.entity_name OR OLD.status IS NOT NEW.status
+        OR (OLD.deleted_at IS NULL) IS NOT (NEW.deleted_at IS NULL)
+    BEGIN{_sqlite_entity_names("OLD", "-1")}{_sqlite_entity_names("NEW", "1")}\nEND""",
+    f"CREATE TRIGGER entity_name_counts_delete AFTER DELETE ON tasks BEGIN{_sqlite_entity_names('OLD', '-1')}\nEND",
+)
+
+for _statement in ENTITY_NAME_COUNTS_POSTGRESQL:
+    event.listen(db.metadata, "after_create", DDL(_statement).execute_if(dialect="postgresql"))
+for _statement in ENTITY_NAME_COUNTS_SQLITE:
+    event.listen(db.metadata, "after_create", DDL(_statement).execute_if(dialect="sqlite"))
+event.listen(
+    db.metadata,
+    "after_drop",
+    DDL("DROP FUNCTION IF EXISTS entity_name_counts_apply()").execute_if(dialect="postgresql"),
+)
+
 # The dashboard's time-based figures, kept like task_counts by triggers in the transaction of every write: the
 # dashboard then reads a few thousand kept rows at a million tasks and, where one of its windows starts or ends within
 # a day, that day's part of an index; never all the tasks of a period. Days are UTC days (on SQLite, the first ten

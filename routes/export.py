@@ -12,7 +12,7 @@ from sqlalchemy import Integer, String, Text, Uuid, cast, func, literal, null, s
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
-from models import Task, User, UTCDateTime, db, task_counts, utcnow
+from models import Task, User, UTCDateTime, db, entity_name_counts, task_counts, utcnow
 from routes import load_args, require_login, still_working
 from routes.analytics import UNASSIGNED
 from routes.tasks import COUNTED_FILTERS, FILTERS, after_cursor, sort_key, task_filters
@@ -195,8 +195,9 @@ def facet_rows(args: dict, limit: int) -> list:
     names with how many there are, in one statement of two groupings.
 
     Types and assignees are summed from the (type, assignee) pairs, a few hundred at most: from ``task_counts``
-    when no filter but those it answers is given, else from the tasks. Entity names always need a GROUP BY over
-    the tasks: at a million tasks on PostgreSQL, a parallel scan of about 250 ms."""
+    when no filter but those it answers is given, else from the tasks. Entity names likewise from
+    ``entity_name_counts`` (a row per name and status) when no filter but the status is given; other filters need a
+    GROUP BY over the tasks they select (unfiltered, at a million tasks on PostgreSQL, a parallel scan of 360 ms)."""
     conditions = task_filters(args)
     if COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
         counts = task_counts.c
@@ -217,12 +218,19 @@ def facet_rows(args: dict, limit: int) -> list:
     named_pairs = select(
         literal("pair"), pairs.c.task_type, pairs.c.contact_person_id, User.full_name, pairs.c.n, null().cast(Integer())
     ).outerjoin_from(pairs, User, User.id == pairs.c.contact_person_id)
-    used = func.count()
+    if {name for name in FILTERS if name in args} <= {"status"}:
+        names = entity_name_counts.c
+        used = func.sum(names.n)
+        by_name = select(names.entity_name).where(*task_filters(args, names)).having(used > 0)
+        name = names.entity_name
+    else:
+        used = func.count()
+        by_name = select(Task.entity_name).where(*conditions)
+        name = Task.entity_name
     ranked = (
-        select(Task.entity_name, used.label("n"), func.count().over().label("total"))
-        .where(*conditions)
-        .group_by(Task.entity_name)
-        .order_by(used.desc(), binary_order(Task.entity_name))
+        by_name.add_columns(used.label("n"), func.count().over().label("total"))
+        .group_by(name)
+        .order_by(used.desc(), binary_order(name))
         .limit(limit)
         .subquery()
     )

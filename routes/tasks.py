@@ -9,7 +9,7 @@ from itsdangerous import BadData, URLSafeSerializer
 from marshmallow import ValidationError
 from sqlalchemy import func, insert, literal, select, tuple_, update
 
-from models import Task, TaskEvent, User, db, task_counts, utcnow
+from models import Task, TaskEvent, User, db, entity_name_counts, task_counts, utcnow
 from routes import idempotency, load_args, load_json, require_login, unless_unchanged
 from routes.errors import APIError
 from schemas import (
@@ -35,12 +35,16 @@ CASE_INSENSITIVE_SORTS = ("entity_name", "task_type")
 FILTERS = ("status", "task_type", "entity_name", "contact_person_id", "created_from", "created_before")
 # Filters that task_counts can answer: their totals need no COUNT over the tasks.
 COUNTED_FILTERS = frozenset(("status", "task_type", "contact_person_id"))
+# Filters that entity_name_counts can answer: the partial entity-name match among them, summed over a few thousand
+# kept names instead of counted over the tasks it matches.
+NAME_COUNTED_FILTERS = frozenset(("entity_name", "status"))
 TIMESTAMP_SORTS = ("date_created", "task_time", "updated_at")
 
 
 def task_filters(args: dict, columns=Task) -> list:
     """The WHERE conditions for the task list's filters (validated by ``TaskFilterSchema``), over ``Task`` or,
-    for the counted filters, over ``task_counts.c`` (which counts live tasks only). Over ``Task``, deleted tasks
+    for the counted filters, over ``task_counts.c`` or ``entity_name_counts.c`` (which count live tasks only): the
+    same expressions, so that a kept row is selected exactly when its tasks are. Over ``Task``, deleted tasks
     are left out, unless ``deleted`` asks for them instead: all of them for an administrator, the caller's own
     for anyone else (the ones they may restore)."""
     conditions = []
@@ -67,11 +71,13 @@ def task_filters(args: dict, columns=Task) -> list:
 
 
 def task_total(args: dict):
-    """A query for the exact number of tasks the filters select: from the kept counts when they can tell, else a
-    COUNT that the filters' indexes serve."""
-    if not args.get("deleted") and COUNTED_FILTERS.issuperset(name for name in FILTERS if name in args):
-        total = func.coalesce(func.sum(task_counts.c.n), 0)
-        return select(total).where(*task_filters(args, task_counts.c))
+    """A query for the exact number of tasks the filters select: from the kept counts when they can tell (task_counts
+    first, the smaller, when both can: no filter, or the status), else a COUNT that the filters' indexes serve."""
+    if not args.get("deleted"):
+        given = {name for name in FILTERS if name in args}
+        for counts, filters in ((task_counts, COUNTED_FILTERS), (entity_name_counts, NAME_COUNTED_FILTERS)):
+            if filters >= given:
+                return select(func.coalesce(func.sum(counts.c.n), 0)).where(*task_filters(args, counts.c))
     return select(func.count()).select_from(Task).where(*task_filters(args))
 
 

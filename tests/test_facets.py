@@ -228,10 +228,18 @@ def test_facets_requires_a_token(client):
 
 
 @pytest.mark.parametrize(
-    ("query", "from_counts"),
-    [("", True), ("status=open&task_type=call", True), ("entity_name=abc", False), ("date_from=2025-01-01", False)],
+    ("query", "from_counts", "names_from_counts"),
+    [
+        ("", True, True),
+        ("status=closed", True, True),
+        ("status=open&task_type=call", True, False),
+        ("entity_name=abc", False, False),
+        ("date_from=2025-01-01", False, False),
+    ],
 )
-def test_facets_are_one_statement(client, auth_headers, make_task, sql_statements, query, from_counts):
+def test_facets_are_one_statement(
+    client, auth_headers, make_task, sql_statements, query, from_counts, names_from_counts
+):
     for kind in TYPES:
         make_task(task_type=kind)
 
@@ -240,4 +248,5 @@ def test_facets_are_one_statement(client, auth_headers, make_task, sql_statement
 
     [statement] = [statement for statement in statements if "task" in statement]
     assert ("FROM task_counts" in statement) is from_counts  # types and assignees, when the counts can tell
-    assert "FROM tasks" in statement  # entity names
+    assert ("FROM entity_name_counts" in statement) is names_from_counts  # entity names, when no filter but the status
+    assert ("FROM tasks" in statement) is not (from_counts and names_from_counts)  # no task read when both can tell

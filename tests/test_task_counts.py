@@ -1,12 +1,13 @@
-"""The tables triggers keep: task_counts (per status, type and assignee) and the dashboard's task_day_counts,
-time_to_close_counts and times_to_close, each checked against a full recount after every kind of write, through the
-API, in plain SQL, through migrations and under concurrent traffic."""
+"""The tables triggers keep: task_counts (per status, type and assignee), entity_name_counts (per entity name and
+status) and the dashboard's task_day_counts, time_to_close_counts and times_to_close, each checked against a full
+recount after every kind of write, through the API, in plain SQL, through migrations and under concurrent traffic."""
 
 import random
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -17,15 +18,18 @@ from models import (
     Task,
     User,
     db,
+    entity_name_counts,
+    simple_lower,
     task_counts,
     task_day_counts,
     time_to_close_bucket,
     time_to_close_counts,
     times_to_close,
 )
+from routes.tasks import task_filters
 
 MICROSECOND = timedelta(microseconds=1)
-KEPT_TABLES = (task_counts, task_day_counts, time_to_close_counts, times_to_close)
+KEPT_TABLES = (task_counts, entity_name_counts, task_day_counts, time_to_close_counts, times_to_close)
 
 
 def kept_and_recounted(connection) -> tuple[dict, dict]:
@@ -39,11 +43,18 @@ def kept_and_recounted(connection) -> tuple[dict, dict]:
     recounted = Counter()
     live = connection.execute(
         sa.select(
-            Task.status, Task.task_type, Task.contact_person_id, Task.date_created, Task.task_time, Task.closed_at
+            Task.status,
+            Task.task_type,
+            Task.contact_person_id,
+            Task.entity_name,
+            Task.date_created,
+            Task.task_time,
+            Task.closed_at,
         ).where(Task.deleted_at.is_(None))
     )
-    for status, task_type, person, created, due, closed_at in live:
+    for status, task_type, person, entity_name, created, due, closed_at in live:
         recounted["task_counts", status, task_type, str(person) if person else None] += 1
+        recounted["entity_name_counts", entity_name, status] += 1
         recounted["task_day_counts", "created", created.date(), status] += 1
         if status == "open":
             recounted["task_day_counts", "due", due.date(), status] += 1
@@ -79,6 +90,8 @@ def test_every_kind_of_api_write_keeps_the_counts_exact(
     steps = [
         ("PUT", f"/api/tasks/{created[0]}", {"task_type": "Meeting"}),
         ("PUT", f"/api/tasks/{created[1]}", {"contact_person_id": alice}),
+        ("PUT", f"/api/tasks/{created[1]}", {"entity_name": "Müller & Söhne GmbH"}),
+        ("PUT", f"/api/tasks/{created[5]}", {"entity_name": "abc corporation", "status": "open"}),
         ("PUT", f"/api/tasks/{created[2]}", {"note": "only the note"}),
         ("PUT", f"/api/tasks/{created[2]}", {"task_time": "2026-01-02T03:04:05.678901Z"}),
         ("PUT", f"/api/tasks/{created[3]}", {"status": "closed", "task_type": "Follow-up", "contact_person_id": bob}),
@@ -132,6 +145,13 @@ def test_plain_sql_writes_of_many_rows_keep_the_counts_exact(app, user):
             .values(status="closed", closed_at=sa.func.coalesce(Task.closed_at, now))
         )
         db.session.execute(sa.update(Task).where(Task.task_type == "Email").values(contact_person_id=people[0]))
+        # many names into one, and one name split between two, in one statement each
+        db.session.execute(sa.update(Task).where(Task.entity_name.like("Entity 19%")).values(entity_name="Entity 19"))
+        db.session.execute(
+            sa.update(Task)
+            .where(Task.entity_name.like("Entity 2%"))
+            .values(entity_name=sa.case((Task.status == "open", "Entity 2 open"), else_="Entity 2 closed"))
+        )
         db.session.execute(sa.update(Task).values(note="touched"))  # no counted column changes
         db.session.execute(sa.delete(Task).where(Task.task_type == "Meeting", Task.status == "open"))
         db.session.commit()
@@ -253,19 +273,39 @@ def test_list_totals_and_the_dashboard_agree_with_a_recount(
         tasks = db.session.execute(sa.select(Task.status, Task.task_type, Task.entity_name, Task.contact_person_id))
         tasks = [row._asdict() for row in tasks]
 
-    for query, expected in [
-        ("", len(tasks)),
-        ("?status=open", sum(t["status"] == "open" for t in tasks)),
-        (f"?contact_person_id={user['id']}", sum(str(t["contact_person_id"]) == user["id"] for t in tasks)),
-        ("?task_type=CALL", sum("call" in t["task_type"].lower() for t in tasks)),
-        ("?status=closed&task_type=k", sum(t["status"] == "closed" and "k" in t["task_type"].lower() for t in tasks)),
-        ("?entity_name=müller", sum("müller" in t["entity_name"].lower() for t in tasks)),
+    for query, expected, kept in [
+        ("", len(tasks), "task_counts"),
+        ("?status=open", sum(t["status"] == "open" for t in tasks), "task_counts"),
+        (
+            f"?contact_person_id={user['id']}",
+            sum(str(t["contact_person_id"]) == user["id"] for t in tasks),
+            "task_counts",
+        ),
+        ("?task_type=CALL", sum("call" in t["task_type"].lower() for t in tasks), "task_counts"),
+        (
+            "?status=closed&task_type=k",
+            sum(t["status"] == "closed" and "k" in t["task_type"].lower() for t in tasks),
+            "task_counts",
+        ),
+        ("?entity_name=müller", sum("müller" in t["entity_name"].lower() for t in tasks), "entity_name_counts"),
+        (
+            "?entity_name=CORP&status=open",
+            sum(t["status"] == "open" and "corp" in t["entity_name"].lower() for t in tasks),
+            "entity_name_counts",
+        ),
+        (
+            "?entity_name=trust&task_type=call",
+            sum("trust" in t["entity_name"].lower() and "call" in t["task_type"].lower() for t in tasks),
+            None,  # a COUNT over the tasks
+        ),
     ]:
         with sql_statements() as statements:
             response = client.get(f"/api/tasks{query}", headers=auth_headers)
         assert response.get_json()["pagination"]["total"] == expected, query
-        counted_by_triggers = "entity_name" not in query
-        assert any("FROM task_counts" in s for s in statements) == counted_by_triggers, query
+        [page] = [statement for statement in statements if "FROM tasks" in statement]
+        for table in ("task_counts", "entity_name_counts"):
+            assert (f"FROM {table}" in page) == (table == kept), query
+        assert ("count(*)" in page) == (kept is None), query
 
     dashboard = client.get("/api/analytics/dashboard", headers=auth_headers).get_json()
     by_status = Counter(t["status"] for t in tasks)
@@ -279,6 +319,59 @@ def test_list_totals_and_the_dashboard_agree_with_a_recount(
     assert {row["user_id"]: row["count"] for row in dashboard["user_tasks"]} == by_person
 
 
+# Names the partial filter must match as the tasks' own COUNT does: wildcards and the escape character taken literally,
+# mixed case, and letters beyond ASCII (whose case each database folds its own way, the same for kept rows and tasks).
+AWKWARD_NAMES = [
+    "ABC Corporation", "abc corp", "100% Capital", "1000 Capital", "Snake_Case Ltd", "SnakeXCase Ltd", "A/B Partners",
+    "AB Partners", "MÜLLER GmbH", "Müller & Söhne", "Muller Inc", "ΣΑΣΑ Holdings", "σασα ltd", "İSTANBUL Ltd",  # noqa: RUF001
+    "istanbul llc", "Straße AG", "STRASSE AG", "ǅemal d.o.o.", "Ǆemal Trust", "Gone Corp",
+]  # fmt: skip
+FRAGMENTS = [
+    "corp", "CORP", "AbC", "100%", "%", "_", "e_c", "a/b", "/", "müller", "MÜLLER", "ü", "Ü", "σασ", "ΣΑΣ", "istanbul",  # noqa: RUF001
+    "İ", "i", "straße", "SS", "ǆ", "Ǆ", "ǅ", "gone", "nothing like it",
+]  # fmt: skip
+
+
+def test_partial_entity_name_totals_and_facets_agree_with_a_count(app, client, auth_headers, make_task, sql_statements):
+    shuffle = random.Random(14)
+    for name in AWKWARD_NAMES:
+        for _ in range(shuffle.randrange(1, 5)):
+            make_task(entity_name=name, status=shuffle.choice(["open", "closed"]))
+        make_task(entity_name=name, deleted_at=datetime.now(UTC))  # never counted
+    with app.app_context():  # the only tasks of a name deleted: its counters stay, at 0, and are ignored
+        db.session.execute(sa.update(Task).where(Task.entity_name == "Gone Corp").values(deleted_at=datetime.now(UTC)))
+        db.session.commit()
+        live = db.session.execute(sa.select(Task.entity_name, Task.status).where(Task.deleted_at.is_(None))).all()
+        assert db.session.scalar(sa.select(sa.func.count()).where(entity_name_counts.c.n == 0)) > 0
+    assert_counts_exact(app)
+
+    for fragment, status in [(fragment, status) for fragment in FRAGMENTS for status in (None, "open", "closed")]:
+        args = {"entity_name": fragment} | ({"status": status} if status else {})
+        with app.app_context():  # the tasks' own COUNT, with the list's conditions, on this database
+            counted = db.session.scalar(sa.select(sa.func.count()).select_from(Task).where(*task_filters(args)))
+        with sql_statements() as statements:
+            response = client.get("/api/tasks?" + urlencode(args), headers=auth_headers)
+        assert response.status_code == 200, response.get_json()
+        assert response.get_json()["pagination"]["total"] == counted, args
+        [page] = [statement for statement in statements if "FROM tasks" in statement]
+        assert "FROM entity_name_counts" in page and "count(*)" not in page
+        # Both databases fold case a character at a time, as models.simple_lower does: so does this recount.
+        expected = sum(simple_lower(fragment) in simple_lower(name) and status in (None, task) for name, task in live)
+        assert counted == expected, args
+
+    for status in (None, "open", "closed"):
+        chosen = Counter(name for name, task in live if status in (None, task))
+        ranking = sorted(chosen.items(), key=lambda item: (-item[1], item[0]))
+        with sql_statements() as statements:
+            response = client.get("/api/tasks/facets?limit=5" + (f"&status={status}" if status else ""),
+                                  headers=auth_headers)  # fmt: skip
+        body = response.get_json()
+        assert body["entity_names"] == [{"value": name, "count": n} for name, n in ranking[:5]], status
+        assert body["entity_names_total"] == len(chosen), status
+        [statement] = [statement for statement in statements if "task" in statement]
+        assert "FROM entity_name_counts" in statement and "FROM tasks" not in statement
+
+
 def trigger_definitions(connection) -> list[str]:
     if connection.get_bind().dialect.name == "sqlite":
         query = "SELECT sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
@@ -287,7 +380,8 @@ def trigger_definitions(connection) -> list[str]:
         "SELECT pg_get_triggerdef(oid) FROM pg_trigger "
         "WHERE tgrelid IN ('tasks'::regclass, 'task_events'::regclass) AND NOT tgisinternal "
         "UNION ALL SELECT prosrc FROM pg_proc "
-        "WHERE proname IN ('task_counts_apply', 'task_figures_apply', 'task_events_append_only') "
+        "WHERE proname IN ('task_counts_apply', 'entity_name_counts_apply', 'task_figures_apply', "
+        "'task_events_append_only') "
         "ORDER BY 1"
     )
     return connection.execute(sa.text(query)).scalars().all()
@@ -304,7 +398,7 @@ def test_migrations_create_the_triggers_the_models_create(app, fresh_database_ur
         from_models = trigger_definitions(db.session)
 
     # The kept tables' triggers (and functions) on tasks, and the append-only ones on task_events.
-    assert len(from_models) == (12 if POSTGRES_URL else 8)
+    assert len(from_models) == (17 if POSTGRES_URL else 11)
     assert from_migrations == from_models
 
 
@@ -386,6 +480,55 @@ def test_upgrading_to_the_kept_dashboard_tables_fills_them_and_downgrading_drops
     assert not any(key[0] == "times_to_close" for key in kept)
 
 
+def test_upgrading_to_entity_name_counts_fills_it_and_downgrading_drops_it(fresh_database_url, tmp_path):
+    app = create_app(settings(fresh_database_url, tmp_path))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["db", "upgrade", "0005"]).exit_code == 0
+    shuffle, now = random.Random(6), datetime(2026, 5, 4, 9, 30, tzinfo=UTC)
+    rows = [
+        {
+            "id": uuid.uuid4(),
+            "entity_name": shuffle.choice(AWKWARD_NAMES),
+            "task_type": "Call",
+            "date_created": now,
+            "task_time": now,
+            "updated_at": now,
+            "status": "closed" if n % 3 == 0 else "open",
+            "closed_at": now if n % 3 == 0 else None,
+            "deleted_at": now if n % 7 == 0 else None,
+        }
+        for n in range(150)
+    ]
+    engine = sa.create_engine(fresh_database_url)
+    with engine.begin() as connection:
+        connection.execute(sa.insert(Task), rows)
+
+    def tables() -> set[str]:
+        with engine.connect() as connection:
+            return set(sa.inspect(connection).get_table_names())
+
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    assert kept == recounted
+    assert sum(n for key, n in kept.items() if key[0] == "entity_name_counts") == sum(
+        1 for row in rows if not row["deleted_at"]
+    )
+
+    assert runner.invoke(args=["db", "downgrade", "0005"]).exit_code == 0
+    assert "entity_name_counts" not in tables()
+    assert {table.name for table in KEPT_TABLES} - tables() == {"entity_name_counts"}
+    with engine.begin() as connection:  # no trigger left behind to write to the dropped table
+        connection.execute(sa.update(Task).values(entity_name="Renamed", deleted_at=None))
+        connection.execute(sa.delete(Task).where(Task.status == "closed"))
+    assert runner.invoke(args=["db", "upgrade"]).exit_code == 0
+    with engine.connect() as connection:
+        kept, recounted = kept_and_recounted(connection)
+    engine.dispose()
+    assert kept == recounted
+    assert {key[1:] for key in kept if key[0] == "entity_name_counts"} == {("Renamed", "open")}
+
+
 def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_database_url):
     server = servers.start(GUNICORN, environment)
     login = call("POST", f"{server.url}/api/auth/login", {"username": "admin", "password": "admin123"})[1]
@@ -412,6 +555,8 @@ def test_counts_stay_exact_under_concurrent_writes(servers, environment, fresh_d
         ("PUT", f"/api/tasks/{task_id}", {"task_time": day}) for task_id, day in zip(ids[80:110], due_days, strict=True)
     ]
     operations += [("PATCH", f"/api/tasks/{task_id}/status", {"status": "closed"}) for task_id in ids[30:60]]
+    operations += [("PUT", f"/api/tasks/{task_id}", {"entity_name": f"Race {n % 3}"}) for n, task_id in
+                   enumerate(ids[110:120])]  # fmt: skip
     operations += [("DELETE", f"/api/tasks/{task_id}", None) for task_id in ids[60:80]]
     operations += [("POST", "/api/tasks", None)] * 40
     shuffle.shuffle(operations)
