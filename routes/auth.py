@@ -1,11 +1,17 @@
 """Accounts and sessions: register, log in, refresh, log out, change the password; the JWT wiring lives here too."""
 
 import secrets
+import threading
+import time
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import cache
+from itertools import chain
 
-from flask import Blueprint, current_app, g, has_request_context, request
+from cachetools import TLRUCache, TTLCache
+from flask import Blueprint, Flask, current_app, g, has_app_context, request
 from flask_jwt_extended import (
     JWTManager,
     create_access_token,
@@ -16,16 +22,23 @@ from flask_jwt_extended import (
     jwt_required,
 )
 from marshmallow import ValidationError
-from sqlalchemy import exists, or_, select
+from sqlalchemy import event, exists, or_, select
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from config import ascii_domain, readable_domain
 from models import LoginSession, RevokedToken, User, db, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
-from routes.limits import forget_known_addresses, forgive_password_attempts, spend_password_attempt
+from routes.limits import (
+    CountingRedisStorage,
+    forget_known_addresses,
+    forgive_password_attempts,
+    spend_password_attempt,
+)
 from schemas import (
     LoginSchema,
     PasswordChangeSchema,
@@ -35,19 +48,85 @@ from schemas import (
     check_password_policy,
 )
 
+# Cached token owners live this long at most: how late an account change can reach another instance if Redis was
+# out of reach when it was made (otherwise the accounts' epoch makes it immediate; see AuthCache).
+OWNER_CACHE_SECONDS = 60
+CACHED_TOKENS = 10_000
+
+
+@dataclass
+class AuthCache:
+    """What one app remembers in this process between requests, so that checking a token neither decodes it nor
+    reads the database while nothing about it has changed. Per app: apps in one process have their own keys.
+
+    - ``claims``: each token whose signature and claims were verified, until it expires.
+    - ``owners``: each token's user (column values) and whether the token or its session is revoked, as of an
+      *accounts epoch*: a random value in Redis that the rate limiter reads in its round trip, before the request
+      reads the database (routes/limits.py). A commit that changed a user or the blocklist starts a new epoch
+      after it commits, so every instance's next request reads afresh: a request that read the old epoch either
+      began before the change was committed, or reads it from the database. With no epoch (limits in memory,
+      Redis out of reach) owners are read every time, as they are without a cache."""
+
+    claims: TLRUCache
+    owners: TTLCache
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def for_app(cls, app: Flask, clock: Callable[[], float] = time.time) -> "AuthCache":
+        leeway = app.config.get("JWT_DECODE_LEEWAY", 0)
+        leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
+        return cls(
+            claims=TLRUCache(CACHED_TOKENS, ttu=lambda _key, claims, _now: claims["exp"] + leeway, timer=clock),
+            owners=TTLCache(CACHED_TOKENS, ttl=OWNER_CACHE_SECONDS, timer=clock),
+        )
+
+    def owner(self, jti: str, epoch: bytes | None) -> tuple[User | None, bool] | None:
+        """The token's owner, as remembered in this epoch (attached to this request's session), if it is."""
+        with self.lock:
+            remembered = self.owners.get(jti) if epoch is not None else None
+        if remembered is None or remembered[0] != epoch:
+            return None
+        _epoch, values, revoked = remembered
+        if values is None:
+            return None, revoked
+        user = User(**values)
+        make_transient_to_detached(user)  # as if loaded: no history, no INSERT
+        return db.session.merge(user, load=False), revoked
+
+    def remember(self, jti: str, epoch: bytes, user: User | None, revoked: bool) -> None:
+        values = None if user is None else {column.key: getattr(user, column.key) for column in USER_COLUMNS}
+        with self.lock:
+            self.owners[jti] = (epoch, values, revoked)
+
+
+USER_COLUMNS = sa_inspect(User).column_attrs
+
+
+def auth_cache() -> AuthCache:
+    return current_app.extensions["finstack.auth"]
+
 
 class RequestJWTManager(JWTManager):
-    """Flask-JWT-Extended's manager, decoding a token once per request: the rate limiter's key (the caller's
-    account) and the login check both need it, and each decode checks the signature and every claim."""
+    """Flask-JWT-Extended's manager, decoding a token once per app and process until it expires (AuthCache): the
+    rate limiter's key (the caller's account) and the login check both need it on every request, and each decode
+    checks the signature and every claim. A refused token is not remembered: it is refused afresh each time."""
+
+    def init_app(self, app: Flask, add_context_processor: bool = False) -> None:
+        super().init_app(app, add_context_processor)
+        app.extensions["finstack.auth"] = AuthCache.for_app(app)
 
     def _decode_jwt_from_config(self, encoded_token: str, csrf_value=None, allow_expired: bool = False) -> dict:
-        if not has_request_context():
+        if allow_expired:
             return super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
-        decoded = g.setdefault("decoded_tokens", {})
-        key = (encoded_token, csrf_value, allow_expired)
-        if key not in decoded:  # a token refused is refused again, afresh, by whoever asks next
-            decoded[key] = super()._decode_jwt_from_config(*key)
-        return decoded[key]
+        cache = auth_cache()
+        with cache.lock:
+            claims = cache.claims.get((encoded_token, csrf_value))
+        if claims is None:
+            claims = super()._decode_jwt_from_config(encoded_token, csrf_value)
+            if isinstance(claims.get("exp"), int | float):  # every token this app issues expires
+                with cache.lock:
+                    cache.claims[encoded_token, csrf_value] = claims
+        return dict(claims)
 
 
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
@@ -78,7 +157,7 @@ def load_user(_header: dict, payload: dict) -> User | None:
 
 def token_owner(payload: dict) -> tuple[User | None, bool]:
     """The token's user, and whether the token or its login session is on the blocklist: one query, made once
-    per request for both JWT checks."""
+    per request for both JWT checks, and none while this process remembers the answer (AuthCache)."""
     cached = g.get("token_owner")
     if cached is not None and cached[0] == payload.get("jti"):
         return cached[1]
@@ -90,11 +169,67 @@ def token_owner(payload: dict) -> tuple[User | None, bool]:
     if sid is None or user_id is None:
         owner = (None, True)  # every token this app issues names its user and its session
     else:
-        revoked = exists().where(RevokedToken.jti.in_((payload["jti"], str(sid))))
-        row = db.session.execute(select(User, revoked.label("revoked")).where(User.id == user_id)).first()
-        owner = (row.User, row.revoked) if row is not None else (None, False)
+        epoch = g.get("accounts_epoch")
+        owner = auth_cache().owner(payload["jti"], epoch)
+        if owner is None:
+            revoked = exists().where(RevokedToken.jti.in_((payload["jti"], str(sid))))
+            row = db.session.execute(select(User, revoked.label("revoked")).where(User.id == user_id)).first()
+            owner = (row.User, row.revoked) if row is not None else (None, False)
+            if epoch is not None:
+                auth_cache().remember(payload["jti"], epoch, *owner)
+            elif "accounts_epoch" in g:  # Redis answered, with no epoch (new, or its data lost): start one
+                start_accounts_epoch(missing=True)
     g.token_owner = (payload.get("jti"), owner)
     return owner
+
+
+def start_accounts_epoch(missing: bool = False) -> None:
+    """Make every process forget the token owners it remembers (AuthCache); ``missing``: only if Redis has no epoch."""
+    if not missing:
+        auth_cache().owners.clear()  # this process at once, whatever happens to Redis
+    limiter = current_app.extensions.get("rate_limiter")
+    if limiter is None or not isinstance(limiter.storage, CountingRedisStorage):
+        return
+    try:
+        limiter.storage.start_accounts_epoch(missing)
+    except Exception:
+        current_app.logger.exception(
+            "Could not start a new accounts epoch in Redis: other instances may accept this change's tokens for up "
+            "to %d s",
+            OWNER_CACHE_SECONDS,
+        )
+
+
+def note_account_change(session: Session, *_args) -> None:
+    """A flush or a statement that changes users or the blocklist: a new accounts epoch once it commits."""
+    changed = chain(session.new, session.dirty, session.deleted)
+    if any(isinstance(instance, User | RevokedToken) for instance in changed):
+        session.info["accounts_changed"] = True
+
+
+def note_account_statement(state: ORMExecuteState) -> None:
+    table = getattr(state.statement, "table", None) if state.statement.is_dml else None
+    if table is not None and table.name in (User.__tablename__, RevokedToken.__tablename__):
+        state.session.info["accounts_changed"] = True
+
+
+def new_epoch_after_commit(session: Session) -> None:
+    if session.info.pop("accounts_changed", False) and has_app_context():
+        start_accounts_epoch()
+
+
+def forget_rolled_back_changes(session: Session) -> None:
+    session.info.pop("accounts_changed", None)
+
+
+for _event, _listener in (
+    ("after_flush", note_account_change),
+    ("do_orm_execute", note_account_statement),
+    ("after_commit", new_epoch_after_commit),
+    ("after_rollback", forget_rolled_back_changes),
+):
+    if not event.contains(Session, _event, _listener):  # every session: the app's, the CLI's, the tests'
+        event.listen(Session, _event, _listener)
 
 
 def create_user(username: str, email: str, password: str, full_name: str, is_admin: bool = False) -> User:

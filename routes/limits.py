@@ -2,6 +2,7 @@
 tried. Over a limit the answer is a 429 in the error envelope, with ``Retry-After``."""
 
 import ipaddress
+import secrets
 import time
 from contextlib import suppress
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ ANYWHERE = "Too many failed password attempts for this account; try again later.
 
 
 # Adds ``amount`` entries to a moving window (as limits' own script does: none if that would pass ``limit``), then
-# answers the window as limits' get_moving_window does: the oldest entry still inside it, and how many are.
+# answers the window as limits' get_moving_window does: the oldest entry still inside it, and how many are; and, in
+# the same round trip, the accounts' epoch (KEYS[2], see routes/auth.py's AuthCache).
 ACQUIRE_AND_COUNT = """
 local timestamp, limit, expiry, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local since = timestamp - expiry
@@ -58,28 +60,38 @@ while low <= high do
         high = middle - 1
     end
 end
-if found == nil then return {acquired, tostring(timestamp), 0} end
-return {acquired, redis.call('lindex', KEYS[1], found), found + 1}
+local epoch = redis.call('get', KEYS[2])
+if found == nil then return {acquired, tostring(timestamp), 0, epoch} end
+return {acquired, redis.call('lindex', KEYS[1], found), found + 1, epoch}
 """
 
 
 class CountingRedisStorage(RedisStorage):
     """limits' Redis storage, answering a moving window's state from the round trip that just counted a request in
     it. Flask-Limiter asks for that state after each hit, for the X-RateLimit-* headers: without this, a second
-    round trip to Redis on every request. ``init_limiter`` names it by the scheme ``counting+redis``."""
+    round trip to Redis on every request. The same round trip reads the accounts' epoch, kept under
+    ``epoch_key`` (see routes/auth.py's AuthCache). ``init_limiter`` names it by the scheme ``counting+redis``."""
 
     STORAGE_SCHEME = ["counting+redis", "counting+rediss"]
 
     def __init__(self, uri: str, **options):
         super().__init__(uri.removeprefix("counting+"), **options)
         self.lua_acquire_and_count = self.get_connection().register_script(ACQUIRE_AND_COUNT)
+        self.epoch_key = "accounts-epoch"  # init_limiter puts it under the app's RATELIMIT_KEY_PREFIX
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         arguments = [time.time(), limit, expiry, amount]
-        acquired, oldest, count = self.lua_acquire_and_count([self.prefixed_key(key)], arguments)
+        keys = [self.prefixed_key(key), self.prefixed_key(self.epoch_key)]
+        acquired, oldest, count, epoch = self.lua_acquire_and_count(keys, arguments)
         if has_request_context():
             g.setdefault("moving_windows", {})[key, limit, expiry] = (float(oldest), int(count))
+            g.setdefault("accounts_epoch", epoch)  # the first read counts: made before this request read the database
         return bool(acquired)
+
+    def start_accounts_epoch(self, missing: bool = False) -> None:
+        """A new epoch: a fresh random value, never one an earlier epoch had (or, when ``missing``, only if there
+        is none, say after Redis lost its data)."""
+        self.get_connection().set(self.prefixed_key(self.epoch_key), secrets.token_hex(16), nx=missing)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         if has_request_context() and (window := g.get("moving_windows", {}).pop((key, limit, expiry), None)):
@@ -308,6 +320,8 @@ def init_limiter(app: Flask) -> Limiter:
     )
     if not limiter.enabled:
         return limiter
+    if isinstance(limiter.storage, CountingRedisStorage):
+        limiter.storage.epoch_key = f"{config['RATELIMIT_KEY_PREFIX']}/accounts-epoch"
     app.extensions["rate_limiter"] = limiter  # for the password-attempt budget below
     limiter.exempt(health.bp)  # load balancers poll it; it must never be refused
     limiter.exempt(metrics.bp)  # Prometheus scrapes it on its own schedule

@@ -43,6 +43,12 @@ def register(server, username: str) -> dict:
     return body
 
 
+def everywhere(instances, path: str, token: str) -> list[tuple[int, dict]]:
+    """GET ``path`` on both instances often enough that each of their four workers most likely answers (and, by
+    routes/auth.py's AuthCache, remembers the token's owner)."""
+    return [call("GET", f"{server.url}{path}", token=token) for server in instances * 4]
+
+
 def test_a_token_from_one_instance_works_on_the_other(instances):
     one, two = instances
     admin = log_in(one, **ADMIN)
@@ -55,14 +61,13 @@ def test_a_token_from_one_instance_works_on_the_other(instances):
 
 
 def test_logout_on_one_instance_is_honoured_by_the_other(instances):
-    one, two = instances
+    one = instances[0]
     session = register(one, "leaver")
-    assert call("GET", f"{two.url}/api/auth/me", token=session["access_token"])[0] == 200
+    assert {status for status, _ in everywhere(instances, "/api/auth/me", session["access_token"])} == {200}
 
     assert call("POST", f"{one.url}/api/auth/logout", token=session["access_token"])[0] == 200
 
-    for server in (one, two):
-        status, body = call("GET", f"{server.url}/api/auth/me", token=session["access_token"])
+    for status, body in everywhere(instances, "/api/auth/me", session["access_token"]):
         assert status == 401 and body["error"] == "Token has been revoked: log in again."
 
 
@@ -70,14 +75,14 @@ def test_deactivation_on_one_instance_locks_the_user_out_of_both(instances):
     one, two = instances
     admin = log_in(one, **ADMIN)
     user = register(two, "gone")
-    assert call("GET", f"{one.url}/api/tasks", token=user["access_token"])[0] == 200
+    assert {status for status, _ in everywhere(instances, "/api/tasks", user["access_token"])} == {200}
 
     status, _ = call("PATCH", f"{two.url}/api/users/{user['user']['id']}", {"is_active": False}, admin["access_token"])
     assert status == 200
 
-    for server in (one, two):
-        status, body = call("GET", f"{server.url}/api/tasks", token=user["access_token"])
+    for status, body in everywhere(instances, "/api/tasks", user["access_token"]):
         assert status == 401 and body["error"], body
+    for server in (one, two):
         status, body = call("POST", f"{server.url}/api/auth/login", {"username": "gone", "password": "gone-pass-1234"})
         assert status == 401 and body["error"], body
 
@@ -92,3 +97,28 @@ def test_the_login_rate_limit_counts_across_both_instances(instances):
     assert statuses[:4] == [401] * 4
     assert statuses[4:] == [429, 429]
     assert body["error"] and "limit" in body["details"]
+
+
+def test_role_profile_and_password_changes_reach_every_worker_of_both_instances(instances):
+    """Each worker remembers a token's owner while Redis's accounts epoch stays (routes/auth.py's AuthCache):
+    every change of an account starts a new one, wherever it is made."""
+    one, two = instances
+    admin = log_in(one, **ADMIN)
+    session = register(one, "mover")
+    other_session = log_in(two, "mover", "mover-pass-1234")
+
+    def me_everywhere(token: str) -> list[tuple[int, dict]]:
+        return everywhere(instances, "/api/auth/me", token)
+
+    assert {body["user"]["is_admin"] for _, body in me_everywhere(session["access_token"])} == {False}
+    user_id = session["user"]["id"]
+    assert call("PATCH", f"{two.url}/api/users/{user_id}", {"is_admin": True}, admin["access_token"])[0] == 200
+    assert {body["user"]["is_admin"] for _, body in me_everywhere(session["access_token"])} == {True}
+
+    assert call("PATCH", f"{one.url}/api/users/me", {"full_name": "Moved On"}, other_session["access_token"])[0] == 200
+    assert {body["user"]["full_name"] for _, body in me_everywhere(session["access_token"])} == {"Moved On"}
+
+    change = {"current_password": "mover-pass-1234", "new_password": "a-much-newer-passphrase-42"}
+    assert call("PUT", f"{two.url}/api/auth/password", change, other_session["access_token"])[0] == 200
+    assert {status for status, _ in me_everywhere(session["access_token"])} == {401}
+    assert {status for status, _ in me_everywhere(other_session["access_token"])} == {200}

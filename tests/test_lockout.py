@@ -204,7 +204,8 @@ def test_behind_a_proxy_parallel_guesses_lock_out_their_own_address_only(servers
 
 def password_keys(store: redis.Redis, prefix: str) -> dict[str, int]:
     """The keys of the test's prefix in Redis that count password checks, with their lifetimes in seconds."""
-    return {key.decode(): store.ttl(key) for key in store.scan_iter(f"*{prefix}*") if b"/auth.login/" not in key}
+    keys = store.scan_iter(f"*{prefix}/*")
+    return {key.decode(): store.ttl(key) for key in keys if b"/auth.login/" not in key and b"/username:" in key}
 
 
 @pytest.mark.app_config(RATELIMIT_STORAGE_URI=REDIS_URL)
