@@ -351,6 +351,16 @@ entity_name_counts = Table(
     Column("entity_name", String(255), primary_key=True),
     Column("status", String(10), primary_key=True),
     Column("n", Integer, nullable=False),
+    # The substring filter through a trigram index, as on tasks: ILIKE folds case per row, and a scan of the 7,363
+    # rows at a million tasks took 11 ms (0.2 ms by the index).
+    postgresql_only(
+        Index(
+            "ix_entity_name_counts_entity_name_trgm",
+            "entity_name",
+            postgresql_using="gin",
+            postgresql_ops={"entity_name": "gin_trgm_ops"},
+        )
+    ),
 )
 
 # PostgreSQL: one trigger per statement with transition tables, each write's changes grouped into one upsert in key
