@@ -15,6 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from commands import (
     create_admin_command,
+    new_accounts_epoch_command,
     openapi_command,
     prepare_database,
     purge_deleted_command,
@@ -104,6 +105,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     init_limiter(app)  # after the request id, so a 429 carries one too
     app.cli.add_command(create_admin_command)
     app.cli.add_command(purge_tokens_command)
+    app.cli.add_command(new_accounts_epoch_command)
     app.cli.add_command(purge_idempotency_keys_command)
     app.cli.add_command(purge_deleted_command)
     app.cli.add_command(openapi_command)

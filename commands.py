@@ -26,6 +26,7 @@ from models import IdempotencyKey, LoginSession, RevokedToken, Task, TaskEvent, 
 from routes.auth import create_user, duplicate_user
 from routes.docs import openapi_document
 from routes.errors import describe_validation, is_transient
+from routes.limits import CountingRedisStorage
 from schemas import RegisterSchema
 
 ADMIN_FULL_NAME = "Administrator"
@@ -78,6 +79,25 @@ def purge_tokens_command() -> None:
     sessions = db.session.execute(delete(LoginSession).where(LoginSession.expires_at <= now)).rowcount
     db.session.commit()
     click.echo(f"Purged {revoked} expired blocklist entries and {sessions} expired login sessions.")
+
+
+@click.command("new-accounts-epoch")
+@with_appcontext
+def new_accounts_epoch_command() -> None:
+    """Make every worker of every instance read users and the token blocklist afresh: after editing them in SQL.
+
+    The app's own changes do this by themselves (routes/auth.py's AuthCache); without it, workers notice a change
+    made behind the app's back within a minute."""
+    limiter = current_app.extensions.get("rate_limiter")
+    if limiter is None or not isinstance(limiter.storage, CountingRedisStorage):
+        click.echo("Nothing to do: without limits in Redis, workers remember no user between requests.")
+        return
+    try:
+        limiter.storage.start_accounts_epoch()
+    except Exception as error:
+        message = f"Redis did not take the new epoch ({error}): workers catch up within a minute."
+        raise click.ClickException(message) from None
+    click.echo("Started a new accounts epoch: every worker reads users and the blocklist afresh.")
 
 
 @click.command("purge-idempotency-keys")

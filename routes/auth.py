@@ -26,7 +26,7 @@ from sqlalchemy import event, exists, or_, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import ORMExecuteState, Session, make_transient_to_detached
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from config import ascii_domain, readable_domain
@@ -65,19 +65,25 @@ class AuthCache:
       reads the database (routes/limits.py). A commit that changed a user or the blocklist starts a new epoch
       after it commits, so every instance's next request reads afresh: a request that read the old epoch either
       began before the change was committed, or reads it from the database. With no epoch (limits in memory,
-      Redis out of reach) owners are read every time, as they are without a cache."""
+      Redis out of reach) owners are read every time, as they are without a cache.
+
+    Only changes made through an ORM session are seen (the app's writes, its CLI commands): after editing users or
+    the blocklist in SQL, run `flask new-accounts-epoch`, or allow OWNER_CACHE_SECONDS. The signing key and the
+    leeway are read once, when the app starts, as they are everywhere else."""
 
     claims: TLRUCache
     owners: TTLCache
     lock: threading.Lock = field(default_factory=threading.Lock)
+    epoch_owed: bool = False  # a new epoch could not be started in Redis: the next request that reaches it does
 
     @classmethod
-    def for_app(cls, app: Flask, clock: Callable[[], float] = time.time) -> "AuthCache":
+    def for_app(cls, app: Flask, clock: Callable[[], float] | None = None) -> "AuthCache":
         leeway = app.config.get("JWT_DECODE_LEEWAY", 0)
         leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
+        expires = lambda _key, claims, _now: claims["exp"] + leeway  # noqa: E731 (the tokens' own clock: wall time)
         return cls(
-            claims=TLRUCache(CACHED_TOKENS, ttu=lambda _key, claims, _now: claims["exp"] + leeway, timer=clock),
-            owners=TTLCache(CACHED_TOKENS, ttl=OWNER_CACHE_SECONDS, timer=clock),
+            claims=TLRUCache(CACHED_TOKENS, ttu=expires, timer=clock or time.time),
+            owners=TTLCache(CACHED_TOKENS, ttl=OWNER_CACHE_SECONDS, timer=clock or time.monotonic),
         )
 
     def owner(self, jti: str, epoch: bytes | None) -> tuple[User | None, bool] | None:
@@ -97,6 +103,10 @@ class AuthCache:
         values = None if user is None else {column.key: getattr(user, column.key) for column in USER_COLUMNS}
         with self.lock:
             self.owners[jti] = (epoch, values, revoked)
+
+    def forget_owners(self) -> None:
+        with self.lock:
+            self.owners.clear()
 
 
 USER_COLUMNS = sa_inspect(User).column_attrs
@@ -169,30 +179,43 @@ def token_owner(payload: dict) -> tuple[User | None, bool]:
     if sid is None or user_id is None:
         owner = (None, True)  # every token this app issues names its user and its session
     else:
-        epoch = g.get("accounts_epoch")
-        owner = auth_cache().owner(payload["jti"], epoch)
+        cache, epoch = auth_cache(), g.get("accounts_epoch")
+        if epoch is not None and cache.epoch_owed:  # Redis is back: start the epoch it missed, then read afresh
+            start_accounts_epoch()
+            epoch = None
+        owner = cache.owner(payload["jti"], epoch)
         if owner is None:
             revoked = exists().where(RevokedToken.jti.in_((payload["jti"], str(sid))))
             row = db.session.execute(select(User, revoked.label("revoked")).where(User.id == user_id)).first()
             owner = (row.User, row.revoked) if row is not None else (None, False)
             if epoch is not None:
-                auth_cache().remember(payload["jti"], epoch, *owner)
-            elif "accounts_epoch" in g:  # Redis answered, with no epoch (new, or its data lost): start one
+                cache.remember(payload["jti"], epoch, *owner)
+            elif "accounts_epoch" in g and g.accounts_epoch is None:  # Redis has none (new, or lost its data)
                 start_accounts_epoch(missing=True)
     g.token_owner = (payload.get("jti"), owner)
     return owner
 
 
 def start_accounts_epoch(missing: bool = False) -> None:
-    """Make every process forget the token owners it remembers (AuthCache); ``missing``: only if Redis has no epoch."""
+    """Make every process forget the token owners it remembers (AuthCache); ``missing``: only if Redis has no epoch.
+
+    While Flask-Limiter counts in memory because Redis failed, nothing is sent (an account change must not wait
+    on a store known to be down): the epoch is owed, and started by this process's first request that reaches
+    Redis again. Meanwhile no process remembers anything new, having no epoch to remember it by."""
+    cache = auth_cache()
     if not missing:
-        auth_cache().owners.clear()  # this process at once, whatever happens to Redis
+        cache.forget_owners()  # this process at once, whatever happens to Redis
     limiter = current_app.extensions.get("rate_limiter")
     if limiter is None or not isinstance(limiter.storage, CountingRedisStorage):
         return
+    if getattr(limiter, "_storage_dead", False):
+        cache.epoch_owed = cache.epoch_owed or not missing
+        return
     try:
         limiter.storage.start_accounts_epoch(missing)
+        cache.epoch_owed = cache.epoch_owed and missing
     except Exception:
+        cache.epoch_owed = cache.epoch_owed or not missing
         current_app.logger.exception(
             "Could not start a new accounts epoch in Redis: other instances may accept this change's tokens for up "
             "to %d s",
@@ -201,15 +224,21 @@ def start_accounts_epoch(missing: bool = False) -> None:
 
 
 def note_account_change(session: Session, *_args) -> None:
-    """A flush or a statement that changes users or the blocklist: a new accounts epoch once it commits."""
-    changed = chain(session.new, session.dirty, session.deleted)
+    """A flush that changes users or revokes tokens: a new accounts epoch once it commits. A new user is in no
+    cache, and a blocklist row deleted has expired with its token: neither needs one."""
+    changed = chain(session.dirty, session.deleted, (item for item in session.new if isinstance(item, RevokedToken)))
     if any(isinstance(instance, User | RevokedToken) for instance in changed):
         session.info["accounts_changed"] = True
 
 
 def note_account_statement(state: ORMExecuteState) -> None:
+    """The same for a statement (``session.execute(update(User)...)``, ``insert(RevokedToken)``)."""
     table = getattr(state.statement, "table", None) if state.statement.is_dml else None
-    if table is not None and table.name in (User.__tablename__, RevokedToken.__tablename__):
+    if table is None:
+        return
+    if (table.name == User.__tablename__ and not state.is_insert) or (
+        table.name == RevokedToken.__tablename__ and state.is_insert
+    ):
         state.session.info["accounts_changed"] = True
 
 
@@ -218,15 +247,17 @@ def new_epoch_after_commit(session: Session) -> None:
         start_accounts_epoch()
 
 
-def forget_rolled_back_changes(session: Session) -> None:
-    session.info.pop("accounts_changed", None)
+def forget_rolled_back_changes(session: Session, previous: SessionTransaction) -> None:
+    """Only the outermost rollback undoes the changes: a savepoint's leaves what was flushed before it."""
+    if previous.parent is None and not previous.nested:
+        session.info.pop("accounts_changed", None)
 
 
 for _event, _listener in (
     ("after_flush", note_account_change),
     ("do_orm_execute", note_account_statement),
     ("after_commit", new_epoch_after_commit),
-    ("after_rollback", forget_rolled_back_changes),
+    ("after_soft_rollback", forget_rolled_back_changes),
 ):
     if not event.contains(Session, _event, _listener):  # every session: the app's, the CLI's, the tests'
         event.listen(Session, _event, _listener)

@@ -85,7 +85,7 @@ class CountingRedisStorage(RedisStorage):
         acquired, oldest, count, epoch = self.lua_acquire_and_count(keys, arguments)
         if has_request_context():
             g.setdefault("moving_windows", {})[key, limit, expiry] = (float(oldest), int(count))
-            g.setdefault("accounts_epoch", epoch)  # the first read counts: made before this request read the database
+            g.setdefault("accounts_epoch", epoch)  # token_owner takes the one read before it reads the database
         return bool(acquired)
 
     def start_accounts_epoch(self, missing: bool = False) -> None:

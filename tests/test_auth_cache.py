@@ -3,13 +3,14 @@ until it expires, and its owner is read once per accounts epoch, a value in Redi
 round trip. Every change of a user or of the blocklist starts a new epoch once committed, so that each instance
 reads afresh (tests/test_instances.py checks it across two servers)."""
 
+import uuid
 from datetime import timedelta
 
 import pytest
 from flask_jwt_extended import JWTManager, decode_token
 
 from helpers import PASSWORD, REDIS_URL, assert_error, token_for, tokens_for
-from models import db
+from models import User, db
 from routes.auth import OWNER_CACHE_SECONDS, AuthCache
 
 IN_REDIS = pytest.mark.app_config(RATELIMIT_STORAGE_URI=REDIS_URL)
@@ -18,6 +19,12 @@ IN_REDIS = pytest.mark.app_config(RATELIMIT_STORAGE_URI=REDIS_URL)
 def epoch(app) -> bytes | None:
     store = app.extensions["rate_limiter"].storage
     return store.get_connection().get(store.prefixed_key(store.epoch_key))
+
+
+@pytest.fixture
+def redis_epoch(app, redis_prefix) -> None:
+    """An epoch in Redis, as there is once anyone has signed in (a new user alone starts none: no cache holds it)."""
+    app.extensions["rate_limiter"].storage.start_accounts_epoch()
 
 
 def rename_behind_the_apps_back(app, full_name: str) -> None:
@@ -43,7 +50,7 @@ class Clock:
 
 
 @IN_REDIS
-def test_a_token_owner_is_read_once_per_epoch(app, client, auth_headers, sql_statements, redis_prefix):
+def test_a_token_owner_is_read_once_per_epoch(app, client, auth_headers, sql_statements, redis_epoch):
     with sql_statements() as statements:
         assert full_name(client, auth_headers) == "Alice Adams"
     assert len(statements) == 1  # the user and the blocklist, in one statement
@@ -55,7 +62,7 @@ def test_a_token_owner_is_read_once_per_epoch(app, client, auth_headers, sql_sta
 
 
 @IN_REDIS
-def test_a_new_epoch_in_redis_makes_the_owner_read_again(app, client, auth_headers, redis_prefix):
+def test_a_new_epoch_in_redis_makes_the_owner_read_again(app, client, auth_headers, redis_epoch):
     assert full_name(client, auth_headers) == "Alice Adams"
     rename_behind_the_apps_back(app, "Alice Bennet")
     assert full_name(client, auth_headers) == "Alice Adams"  # remembered: this is the read the cache saves
@@ -66,7 +73,7 @@ def test_a_new_epoch_in_redis_makes_the_owner_read_again(app, client, auth_heade
 
 
 @IN_REDIS
-def test_a_remembered_owner_is_read_again_after_a_minute_whatever_redis_says(app, client, auth_headers, redis_prefix):
+def test_a_remembered_owner_is_read_again_after_a_minute_whatever_redis_says(app, client, auth_headers, redis_epoch):
     clock = Clock()
     app.extensions["finstack.auth"] = AuthCache.for_app(app, clock=clock)
     assert full_name(client, auth_headers) == "Alice Adams"
@@ -162,7 +169,7 @@ def test_every_change_of_an_account_starts_a_new_epoch(app, client, user, admin_
 
 
 @IN_REDIS
-def test_reads_and_logins_start_no_epoch(app, client, user, redis_prefix):
+def test_reads_and_logins_start_no_epoch(app, client, user, redis_epoch):
     headers = log_in(client, user["username"])
     before = epoch(app)
 
@@ -206,3 +213,55 @@ def test_a_refused_token_is_refused_afresh_each_time(app, client, user, monkeypa
         assert_error(client.get("/api/auth/me", headers={"Authorization": f"Bearer {expired}"}), 401)
 
     assert len(decoded) == 4  # the limiter's key and the login check, each time
+
+
+@IN_REDIS
+@pytest.mark.parametrize("outer", ["commit", "rollback"])
+def test_a_savepoint_rolled_back_leaves_the_change_before_it_to_start_an_epoch(
+    app, client, user, auth_headers, redis_prefix, outer
+):
+    assert client.get("/api/auth/me", headers=auth_headers).status_code == 200
+    before = epoch(app)
+    with app.app_context():
+        db.session.get(User, uuid.UUID(user["id"])).is_active = False
+        db.session.flush()
+        db.session.begin_nested().rollback()
+        getattr(db.session, outer)()
+
+    status = client.get("/api/auth/me", headers=auth_headers).status_code
+    assert (epoch(app) != before, status) == ((True, 401) if outer == "commit" else (False, 200))
+
+
+@IN_REDIS
+def test_a_change_while_limits_count_in_memory_starts_its_epoch_once_redis_is_back(app, client, user, redis_prefix):
+    headers = log_in(client, user["username"])
+    assert client.get("/api/auth/me", headers=headers).status_code == 200
+    before = epoch(app)
+    limiter = app.extensions["rate_limiter"]
+    limiter._storage_dead = True  # as Flask-Limiter marks it when Redis fails: no change may wait for Redis then
+
+    rename(client, headers, None, user)
+    assert epoch(app) == before
+    assert app.extensions["finstack.auth"].epoch_owed
+
+    limiter._storage_dead = False  # as Flask-Limiter's check finds Redis again
+    assert full_name(client, headers) == "Alice Bennet"
+    assert epoch(app) not in (before, None)
+    assert not app.extensions["finstack.auth"].epoch_owed
+
+
+@IN_REDIS
+def test_new_accounts_epoch_command_makes_every_worker_read_afresh(app, client, runner, auth_headers, redis_epoch):
+    assert full_name(client, auth_headers) == "Alice Adams"
+    rename_behind_the_apps_back(app, "Alice Bennet")  # in SQL, as an operator might
+    assert full_name(client, auth_headers) == "Alice Adams"
+
+    result = runner.invoke(args=["new-accounts-epoch"])
+
+    assert result.exit_code == 0 and "Started a new accounts epoch" in result.output, result.output
+    assert full_name(client, auth_headers) == "Alice Bennet"
+
+
+def test_new_accounts_epoch_command_without_redis_says_there_is_nothing_to_do(runner):
+    result = runner.invoke(args=["new-accounts-epoch"])
+    assert result.exit_code == 0 and "Nothing to do" in result.output, result.output
