@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
     event,
     false,
@@ -738,3 +739,46 @@ class IdempotencyKey(db.Model):
 
     def __repr__(self) -> str:
         return f"<IdempotencyKey {self.key!r} of {self.user_id}>"
+
+
+OUTBOX_STATES = ("pending", "sending", "sent", "failed")
+
+
+class OutboxMessage(db.Model):
+    """Something that must go out (an email; webhooks later), written in the transaction of the change that caused
+    it: the transactional outbox (outbox.py). Nothing is lost, since the row commits or rolls back with its cause;
+    nothing goes out twice, since a sender claims the row before sending and ``event_key`` admits one message per
+    recipient for one event.
+
+    A claimed row is ``sending`` with ``next_attempt_at`` at the end of its lease: a sender that dies mid-send frees
+    it then. So one index serves every sweep: rows ``pending`` or ``sending`` whose ``next_attempt_at`` has passed
+    are due."""
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(40))  # what to send, e.g. the mail template's name
+    recipient: Mapped[str] = mapped_column(String(320))
+    event_key: Mapped[str] = mapped_column(String(160))  # the event that caused it, e.g. "password-reset:<token id>"
+    payload: Mapped[Any] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(10), default="pending")
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        CheckConstraint(f"state IN {OUTBOX_STATES}", name="state"),
+        UniqueConstraint("event_key", "recipient"),
+        Index(
+            "ix_outbox_messages_due",
+            "next_attempt_at",
+            postgresql_where=text("state IN ('pending', 'sending')"),
+            sqlite_where=text("state IN ('pending', 'sending')"),
+        ),
+        Index("ix_outbox_messages_state_created_at", "state", "created_at"),  # the administrators' list, by state
+    )
+
+    def __repr__(self) -> str:
+        return f"<OutboxMessage {self.id} {self.kind} to {self.recipient}: {self.state}>"

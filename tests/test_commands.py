@@ -166,7 +166,7 @@ def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp
         assert set(inspector.get_table_names()) == {"alembic_version", *db.metadata.tables}
         assert set(db.metadata.tables) == {
             "app_users", "tasks", "login_sessions", "revoked_tokens", "task_counts", "task_events", "idempotency_keys",
-            "task_day_counts", "time_to_close_counts", "times_to_close", "entity_name_counts",
+            "task_day_counts", "time_to_close_counts", "times_to_close", "entity_name_counts", "outbox_messages",
         }  # fmt: skip
         # autogenerate compares no check constraints: these are checked here
         checks = {check["name"] for check in inspector.get_check_constraints("tasks")}

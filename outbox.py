@@ -1,0 +1,102 @@
+"""The transactional outbox (issue 15): what must go out is queued in the transaction of the change that caused it,
+then claimed, sent and marked by whoever delivers it (a Celery worker, or the app itself with no broker).
+
+Every function works in the caller's transaction and never commits: a claim must commit before the sending starts
+(so that another sender sees it), and the mark after the sending ends. Each takes ``now``, so that tests drive the
+clock. Models: ``models.OutboxMessage``."""
+
+import random
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from models import OutboxMessage, db
+
+# How long a claim holds a message: a sender that dies mid-send (killed, its machine gone) frees it after this, and
+# the sweep hands it to another. Longer than any send takes (the SMTP timeout is 10 s per reply).
+LEASE = timedelta(minutes=2)
+# Failed attempts wait a random time up to BACKOFF_BASE x 2^(attempts - 1), at most BACKOFF_CAP ("full jitter": many
+# messages failing together, say while the mail server was down, do not all come back at once).
+BACKOFF_BASE = timedelta(seconds=30)
+BACKOFF_CAP = timedelta(hours=1)
+# After this many attempts a message is parked as failed, for an administrator to see and retry.
+MAX_ATTEMPTS = 8
+DUE = ("pending", "sending")
+
+
+def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> OutboxMessage | None:
+    """Queue a message in the caller's transaction. ``event_key`` names the event that caused it: the same event for
+    the same recipient is queued once, however often it is added (None then)."""
+    dialect = postgresql if db.session.get_bind().dialect.name == "postgresql" else sqlite
+    row = {"kind": kind, "recipient": recipient, "event_key": event_key, "payload": payload}
+    statement = (
+        dialect.insert(OutboxMessage)
+        .values(**row, state="pending", attempts=0, next_attempt_at=now, created_at=now)
+        .on_conflict_do_nothing(index_elements=["event_key", "recipient"])
+        .returning(OutboxMessage)
+    )
+    return db.session.scalars(statement).first()
+
+
+def claim(message_id, now: datetime) -> OutboxMessage | None:
+    """Take a due message for sending, for LEASE: the message, or None if it is not due (sent, failed, waiting for
+    its next attempt, or claimed by another sender). One conditional UPDATE: of two senders claiming it at once,
+    PostgreSQL makes the second wait for the first and then finds it no longer due; SQLite has one writer at a time.
+    The attempt is counted here, before sending, so a message that kills its sender every time still ends failed."""
+    statement = (
+        update(OutboxMessage)
+        .where(OutboxMessage.id == message_id, OutboxMessage.state.in_(DUE), OutboxMessage.next_attempt_at <= now)
+        .values(state="sending", attempts=OutboxMessage.attempts + 1, next_attempt_at=now + LEASE)
+        .returning(OutboxMessage)
+        .execution_options(populate_existing=True)
+    )
+    return db.session.scalars(statement).first()
+
+
+def mark_sent(message: OutboxMessage, now: datetime) -> None:
+    message.state, message.sent_at, message.last_error = "sent", now, None
+
+
+def mark_failed(
+    message: OutboxMessage, error: str, now: datetime, permanent: bool = False, rng: random.Random = random
+) -> None:
+    """A failed attempt: tried again after its backoff, or parked as failed (a permanent error, such as an address the
+    server refuses, or the last attempt)."""
+    message.last_error = error[:2000]
+    if permanent or message.attempts >= MAX_ATTEMPTS:
+        message.state = "failed"
+        return
+    message.state, message.next_attempt_at = "pending", now + backoff(message.attempts, rng)
+
+
+def backoff(attempts: int, rng: random.Random = random) -> timedelta:
+    """The wait after the ``attempts``-th failed attempt: random, up to BACKOFF_BASE x 2^(attempts - 1), capped."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1))
+    return ceiling * rng.random()
+
+
+def due(now: datetime, limit: int = 100) -> list:
+    """Ids of messages due now, oldest first, for the sweep to hand to senders. On PostgreSQL rows another sweep has
+    locked are skipped (two sweeps at once split the work); handing a message out twice is harmless, as only one
+    claim of it succeeds."""
+    query = (
+        select(OutboxMessage.id)
+        .where(OutboxMessage.state.in_(DUE), OutboxMessage.next_attempt_at <= now)
+        .order_by(OutboxMessage.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list(db.session.scalars(query))
+
+
+def retry(message_id, now: datetime) -> OutboxMessage | None:
+    """An administrator sends a failed message again: as new, due now. None unless it had failed."""
+    statement = (
+        update(OutboxMessage)
+        .where(OutboxMessage.id == message_id, OutboxMessage.state == "failed")
+        .values(state="pending", attempts=0, next_attempt_at=now)
+        .returning(OutboxMessage)
+        .execution_options(populate_existing=True)
+    )
+    return db.session.scalars(statement).first()

@@ -1,0 +1,173 @@
+"""The transactional outbox's rules (outbox.py): queued once per event and recipient, claimed by one sender at a
+time for a lease, retried after a random backoff, parked as failed, swept when due. The clock is passed in."""
+
+import random
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+
+import outbox
+from helpers import POSTGRES_URL
+from models import OutboxMessage, db
+
+NOW = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+
+
+def queue(event_key: str = "password-reset:1", recipient: str = "alice@example.com", now: datetime = NOW):
+    return outbox.add("password_reset", recipient, event_key, {"link": "https://tasks.example/reset"}, now)
+
+
+def test_an_event_queues_one_message_per_recipient(app):
+    with app.app_context():
+        first = queue()
+        assert first is not None and first.state == "pending" and first.next_attempt_at == NOW
+        assert queue() is None  # the same event for the same person: already queued
+        assert queue(recipient="bob@example.com") is not None
+        assert queue(event_key="password-reset:2") is not None
+        db.session.commit()
+        assert db.session.scalar(select(func.count()).select_from(OutboxMessage)) == 3
+
+
+def test_a_message_is_claimed_once_until_its_lease_ends(app):
+    with app.app_context():
+        message_id = queue().id
+        db.session.commit()
+
+        claimed = outbox.claim(message_id, NOW)
+        assert claimed.state == "sending" and claimed.attempts == 1
+        assert claimed.next_attempt_at == NOW + outbox.LEASE
+        assert outbox.claim(message_id, NOW) is None  # another delivery of the same message
+        assert outbox.claim(message_id, NOW + outbox.LEASE - timedelta(seconds=1)) is None
+
+        again = outbox.claim(message_id, NOW + outbox.LEASE)  # its sender died mid-send: the lease ended
+        assert again.attempts == 2 and again.next_attempt_at == NOW + 2 * outbox.LEASE
+
+
+def test_a_message_waiting_for_its_next_attempt_is_not_claimed(app):
+    with app.app_context():
+        message_id = queue(now=NOW + timedelta(minutes=5)).id
+        assert outbox.claim(message_id, NOW) is None
+        assert outbox.claim(message_id, NOW + timedelta(minutes=5)) is not None
+
+
+def test_sent_messages_are_never_claimed_again(app):
+    with app.app_context():
+        message = outbox.claim(queue().id, NOW)
+        outbox.mark_sent(message, NOW + timedelta(seconds=1))
+        db.session.commit()
+
+        assert (message.state, message.sent_at, message.last_error) == ("sent", NOW + timedelta(seconds=1), None)
+        assert outbox.claim(message.id, NOW + timedelta(days=1)) is None
+        assert outbox.due(NOW + timedelta(days=1)) == []
+
+
+def test_a_failure_waits_a_random_backoff_that_doubles_up_to_its_cap(app):
+    class Highest(random.Random):
+        def random(self) -> float:
+            return 1.0  # the longest wait allowed, so the ceilings show
+
+    waits = [outbox.backoff(attempts, Highest()) for attempts in range(1, 10)]
+    assert waits[:4] == [timedelta(seconds=30), timedelta(seconds=60), timedelta(seconds=120), timedelta(seconds=240)]
+    assert max(waits) == outbox.BACKOFF_CAP and waits[-1] == outbox.BACKOFF_CAP
+    generator = random.Random(7)
+    assert all(timedelta(0) <= outbox.backoff(3, generator) <= timedelta(seconds=120) for _ in range(200))
+
+    with app.app_context():
+        message = outbox.claim(queue().id, NOW)
+        outbox.mark_failed(message, "451 try again later", NOW, rng=Highest())
+        assert (message.state, message.last_error) == ("pending", "451 try again later")
+        assert message.next_attempt_at == NOW + timedelta(seconds=30)
+        assert outbox.claim(message.id, NOW + timedelta(seconds=29)) is None
+        assert outbox.claim(message.id, NOW + timedelta(seconds=30)).attempts == 2
+
+
+def test_a_message_is_parked_as_failed_after_its_last_attempt_or_a_permanent_error(app):
+    with app.app_context():
+        refused = outbox.claim(queue().id, NOW)
+        outbox.mark_failed(refused, "550 no such mailbox", NOW, permanent=True)
+        assert refused.state == "failed" and refused.last_error == "550 no such mailbox"
+
+        message_id = queue(event_key="invitation:1").id
+        now = NOW
+        for attempt in range(1, outbox.MAX_ATTEMPTS + 1):
+            message = outbox.claim(message_id, now)
+            assert message.attempts == attempt
+            outbox.mark_failed(message, "x" * 5000, now)
+            now = message.next_attempt_at if message.state == "pending" else now
+        assert message.state == "failed" and len(message.last_error) == 2000
+        assert outbox.claim(message_id, now + timedelta(days=1)) is None
+        db.session.commit()
+
+
+def test_an_administrator_retries_a_failed_message_as_new(app):
+    with app.app_context():
+        message = outbox.claim(queue().id, NOW)
+        assert outbox.retry(message.id, NOW) is None  # only failed messages
+        outbox.mark_failed(message, "550 no such mailbox", NOW, permanent=True)
+        later = NOW + timedelta(hours=3)
+
+        retried = outbox.retry(message.id, later)
+
+        assert (retried.state, retried.attempts, retried.next_attempt_at) == ("pending", 0, later)
+        assert outbox.claim(message.id, later).attempts == 1
+
+
+def test_the_sweep_finds_due_messages_oldest_first(app):
+    with app.app_context():
+        early = queue(event_key="a", now=NOW - timedelta(minutes=3)).id
+        due_now = queue(event_key="b").id
+        queue(event_key="c", now=NOW + timedelta(minutes=1))  # not yet
+        stuck = queue(event_key="d", now=NOW - timedelta(hours=1)).id
+        outbox.claim(stuck, NOW - timedelta(hours=1))  # claimed an hour ago by a sender that died: lease over
+        sent = outbox.claim(queue(event_key="e", now=NOW - timedelta(days=1)).id, NOW - timedelta(days=1))
+        outbox.mark_sent(sent, NOW - timedelta(days=1))
+        db.session.commit()
+
+        assert outbox.due(NOW) == [stuck, early, due_now]
+        assert outbox.due(NOW, limit=2) == [stuck, early]
+
+
+@pytest.mark.own_database  # two connections, with real commits
+def test_of_two_senders_claiming_one_message_at_once_one_gets_it(app):
+    with app.app_context():
+        message_id = queue().id
+        db.session.commit()
+    results = {}
+
+    def second_sender() -> None:
+        with app.app_context():
+            results["second"] = outbox.claim(message_id, NOW)
+            db.session.commit()
+
+    with app.app_context():
+        results["first"] = outbox.claim(message_id, NOW)  # holds the row (PostgreSQL) or the write lock (SQLite)
+        other = threading.Thread(target=second_sender)
+        other.start()
+        if POSTGRES_URL:
+            wait_for_a_lock_wait()  # the second claim is queued behind the first, not merely later
+        db.session.commit()
+    other.join(10)
+
+    assert results["first"] is not None and results["second"] is None
+    with app.app_context():
+        assert db.session.get(OutboxMessage, message_id).attempts == 1
+
+
+def wait_for_a_lock_wait(timeout: float = 10) -> None:
+    """Until another connection of this database waits for a lock (polled: nothing to be told by)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        db.session.execute(text("SELECT pg_stat_clear_snapshot()"))  # the view is read once per transaction
+        waiting = db.session.connection().execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+        )
+        if waiting.scalar():
+            return
+        time.sleep(0.01)
+    pytest.fail("the second claim never waited for the first")
