@@ -4,6 +4,7 @@ import os
 import re
 import secrets
 import select
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -50,6 +51,10 @@ OWASP_PBKDF2_ITERATIONS = {"sha256": 600_000, "sha512": 210_000, "sha1": 1_300_0
 OWASP_SCRYPT_N_P = ((2**17, 1), (2**16, 2), (2**15, 3), (2**14, 5), (2**13, 10))
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
+MAIL_BACKENDS = ("file", "smtp", "disabled")
+# How the SMTP connection is protected, and the port each way uses unless MAIL_PORT says otherwise.
+MAIL_SECURITY_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+MAIL_ADDRESS = re.compile(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+")
 APP_ENVS = ("development", "production")
 # Who may create an account with POST /api/auth/register (administrators always can, with POST /api/users).
 REGISTRATION_MODES = ("open", "domain", "closed")
@@ -257,6 +262,31 @@ def parse_count(name: str, value: str | None, default: int, low: int = 0, high: 
     return int(value)
 
 
+def parse_seconds(name: str, value: str | None, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = None
+    if seconds is None or not (0 < seconds < float("inf")):
+        raise ConfigError(f"{name} must be a positive number of seconds such as 10 or 2.5, not {value!r}.")
+    return seconds
+
+
+def checked_ca_file(path: str | None) -> str | None:
+    """MAIL_CA_FILE, loaded once now so that a wrong path or a file of no certificates stops the start, not a send."""
+    if path is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"MAIL_CA_FILE must be a PEM file of CA certificates (or unset, for the system's): {path!r}: {error}"
+        ) from None
+    return path
+
+
 def parse_origins(value: str) -> list[str]:
     origins = [origin.strip() for origin in value.split(",") if origin.strip()]
     for origin in origins:
@@ -452,6 +482,8 @@ class Config:
         self.ALLOWED_EMAIL_DOMAINS = parse_domains(env("ALLOWED_EMAIL_DOMAINS"))
         self.REGISTRATION = parse_registration(env("REGISTRATION"), self.ALLOWED_EMAIL_DOMAINS, production)
 
+        self.configure_mail(env, production)
+
         self.CORS_ORIGINS = parse_origins(env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS))
         self.MAX_CONTENT_LENGTH = 1024 * 1024
         # Render's load balancer adds one X-Forwarded-For hop; trust exactly that many, so clients cannot spoof it.
@@ -484,6 +516,46 @@ class Config:
         self.VERSION = VERSION
         self.HOST = env("HOST", "127.0.0.1")  # `python app.py` only; gunicorn has --bind
         self.PORT = parse_port("PORT", env("PORT"), default=5000)
+
+    def configure_mail(self, env, production: bool) -> None:
+        """MAIL_* and FIRM_NAME, for mail.py. Nothing sends email yet: the account flows of issue 15 will, and with
+        them production will demand SMTP settings (or MAIL_BACKEND=disabled). Values given are checked now."""
+        self.MAIL_BACKEND = env("MAIL_BACKEND", "smtp" if production else "file").strip().lower()
+        if self.MAIL_BACKEND not in MAIL_BACKENDS:
+            raise ConfigError(f"MAIL_BACKEND must be {', '.join(MAIL_BACKENDS)}, not {self.MAIL_BACKEND!r}.")
+        self.MAIL_SERVER = env("MAIL_SERVER", "localhost")
+        self.MAIL_SECURITY = env("MAIL_SECURITY", "starttls").strip().lower()
+        if self.MAIL_SECURITY not in MAIL_SECURITY_PORTS:
+            raise ConfigError(
+                f"MAIL_SECURITY must be starttls (port 587), tls (port 465) or none (a local relay), not "
+                f"{self.MAIL_SECURITY!r}."
+            )
+        self.MAIL_PORT = parse_port("MAIL_PORT", env("MAIL_PORT"), default=MAIL_SECURITY_PORTS[self.MAIL_SECURITY])
+        self.MAIL_USERNAME = env("MAIL_USERNAME")
+        self.MAIL_PASSWORD = env("MAIL_PASSWORD")
+        if self.MAIL_USERNAME and self.MAIL_SECURITY == "none":
+            raise ConfigError(
+                "MAIL_USERNAME is set with MAIL_SECURITY=none, which would send the password unencrypted: use "
+                "MAIL_SECURITY=starttls or tls, or unset MAIL_USERNAME for a relay that needs no login."
+            )
+        self.MAIL_TIMEOUT = parse_seconds("MAIL_TIMEOUT", env("MAIL_TIMEOUT"), default=10.0)
+        self.MAIL_CA_FILE = checked_ca_file(env("MAIL_CA_FILE"))
+        self.MAIL_FROM = env("MAIL_FROM", None if production else "tasks@localhost")
+        if self.MAIL_FROM is not None and not MAIL_ADDRESS.fullmatch(self.MAIL_FROM):
+            raise ConfigError(
+                f"MAIL_FROM must be a bare email address such as tasks@example.com (FIRM_NAME is the name shown), "
+                f"not {self.MAIL_FROM!r}."
+            )
+        # A Message-ID's right-hand side: a domain of the firm's, so ids never collide with another sender's.
+        sender_domain = self.MAIL_FROM and self.MAIL_FROM.rpartition("@")[2]
+        self.MAIL_MESSAGE_ID_DOMAIN = (env("MAIL_MESSAGE_ID_DOMAIN") or sender_domain or "").lower() or None
+        if self.MAIL_MESSAGE_ID_DOMAIN and not DOMAIN.fullmatch(self.MAIL_MESSAGE_ID_DOMAIN):
+            raise ConfigError(
+                f"MAIL_MESSAGE_ID_DOMAIN (by default MAIL_FROM's domain) must be a domain such as example.com, not "
+                f"{self.MAIL_MESSAGE_ID_DOMAIN!r}."
+            )
+        self.MAIL_DIR = env("MAIL_DIR")  # unset: mail/ in the instance folder, which only the app knows
+        self.FIRM_NAME = env("FIRM_NAME", "FinStack")
 
 
 def debugger_in_production(how: str) -> ConfigError:

@@ -1,0 +1,144 @@
+"""Email: a message built from the templates under ``templates/mail/``, and its delivery by MAIL_BACKEND.
+
+The outbox calls ``compose`` and ``deliver`` for each row it sends, inside an app context. ``deliver`` raises
+``PermanentMailError`` when the server refuses the message for good (retrying cannot help: park it) and
+``TransientMailError`` for anything that may pass (try again later). Standard library only: smtplib and email are
+better kept than any Flask mail extension."""
+
+import logging
+import os
+import re
+import smtplib
+import ssl
+import tempfile
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+
+from flask import current_app, render_template
+
+log = logging.getLogger(__name__)
+
+# The Message-ID's left-hand side names the .eml file, so it is kept to characters safe in both.
+MESSAGE_ID_LOCAL_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class MailError(Exception):
+    """The message was not delivered."""
+
+
+class PermanentMailError(MailError):
+    """The server refused the message for good (a 5xx reply): sending it again would fail again."""
+
+
+class TransientMailError(MailError):
+    """The message may go through later: the server was unreachable, slow, busy (4xx) or failed TLS."""
+
+
+def compose(kind: str, to: str, context: dict, message_id: str, date: datetime | None = None) -> EmailMessage:
+    """The email ``kind`` for ``to``: plain text and HTML from ``mail/<kind>.txt`` and ``mail/<kind>.html`` (whose
+    first line is the subject). ``message_id`` is the outbox row's id, so every attempt at one row carries the same
+    Message-ID (a duplicate after a crash is then recognisable); ``date`` defaults to now."""
+    config = current_app.config
+    if not config["MAIL_FROM"]:
+        raise RuntimeError("MAIL_FROM must be set to send email.")
+    if not MESSAGE_ID_LOCAL_PART.fullmatch(message_id):
+        raise ValueError(f"message_id must be letters, digits, '.', '_' or '-', not {message_id!r}")
+    context = {"firm_name": config["FIRM_NAME"], **context}
+    subject, _, text = render_template(f"mail/{kind}.txt", **context).lstrip().partition("\n")
+
+    message = EmailMessage()
+    message["Subject"] = subject.strip()
+    message["From"] = formataddr((config["FIRM_NAME"], config["MAIL_FROM"]))
+    message["To"] = to
+    message["Date"] = format_datetime(date or datetime.now(UTC))
+    message["Message-ID"] = f"<{message_id}@{config['MAIL_MESSAGE_ID_DOMAIN']}>"
+    message.set_content(text.lstrip("\n"))
+    message.add_alternative(render_template(f"mail/{kind}.html", **context), subtype="html")
+    return message
+
+
+def deliver(message: EmailMessage) -> None:
+    """Send ``message`` the way MAIL_BACKEND says: smtp, file (an .eml file in MAIL_DIR) or disabled (logged)."""
+    backend = current_app.config["MAIL_BACKEND"]
+    if backend == "smtp":
+        send_by_smtp(message)
+    elif backend == "file":
+        write_eml(message)
+    else:
+        log.info("Email disabled (MAIL_BACKEND=disabled): %s to %s not sent", message["Message-ID"], message["To"])
+
+
+def write_eml(message: EmailMessage) -> Path:
+    """Write ``message`` to ``<MAIL_DIR>/<Message-ID's left-hand side>.eml``, whole or not at all: it is written
+    aside and renamed into place, so a reader never sees half a message and a second delivery replaces the first."""
+    local_part = message["Message-ID"].strip("<>").rpartition("@")[0]
+    if not MESSAGE_ID_LOCAL_PART.fullmatch(local_part):
+        raise ValueError(f"Message-ID {message['Message-ID']!r} cannot name a file")
+    folder = Path(current_app.config["MAIL_DIR"] or os.path.join(current_app.instance_path, "mail"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{local_part}.eml"
+    descriptor, draft = tempfile.mkstemp(dir=folder, prefix=f".{local_part}.", suffix=".new")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(message.as_bytes())
+        os.replace(draft, path)
+    except BaseException:
+        Path(draft).unlink(missing_ok=True)
+        raise
+    log.info("Email to %s written to %s", message["To"], path)
+    return path
+
+
+def send_by_smtp(message: EmailMessage) -> None:
+    """Send ``message`` to MAIL_SERVER, protected as MAIL_SECURITY says, each wait bounded by MAIL_TIMEOUT."""
+    config = current_app.config
+    host, port, timeout, security = (
+        config["MAIL_SERVER"],
+        config["MAIL_PORT"],
+        config["MAIL_TIMEOUT"],
+        config["MAIL_SECURITY"],
+    )
+    where = f"{host}:{port}"
+    try:
+        context = None if security == "none" else ssl.create_default_context(cafile=config["MAIL_CA_FILE"])
+        if security == "tls":
+            smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(host, port, timeout=timeout)
+    except smtplib.SMTPResponseException as error:  # a greeting other than 220
+        raise refusal(error, f"SMTP server {where} refused the connection") from error
+    except (OSError, smtplib.SMTPException) as error:  # refused, timed out, TLS failed (ssl.SSLError is an OSError)
+        raise TransientMailError(f"SMTP server {where} unreachable: {error!r}") from error
+    try:
+        if security == "starttls":
+            smtp.starttls(context=context)
+        if config["MAIL_USERNAME"]:
+            smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"] or "")
+        # One recipient per message: a refusal raises SMTPRecipientsRefused rather than returning partly sent.
+        smtp.send_message(message)
+    except smtplib.SMTPRecipientsRefused as error:
+        code, reply = next(iter(error.recipients.values()))
+        raise refusal(smtplib.SMTPResponseException(code, reply), f"{where} refused {message['To']}") from error
+    except smtplib.SMTPResponseException as error:  # sender, data, authentication or STARTTLS refused
+        raise refusal(error, f"{where} refused {message['Message-ID']}") from error
+    except (OSError, smtplib.SMTPException) as error:  # disconnected, timed out, TLS failed, extension missing
+        raise TransientMailError(f"Sending {message['Message-ID']} to {where} failed: {error!r}") from error
+    finally:
+        close(smtp)
+
+
+def refusal(error: smtplib.SMTPResponseException, what: str) -> MailError:
+    """A 5xx reply is final; any other (4xx: busy, greylisted, out of space) says try again later."""
+    reply = error.smtp_error.decode(errors="replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
+    kind = PermanentMailError if 500 <= error.smtp_code < 600 else TransientMailError
+    return kind(f"{what}: {error.smtp_code} {reply}")
+
+
+def close(smtp: smtplib.SMTP) -> None:
+    """Say QUIT, or just hang up: once the server has accepted the message, nothing that follows is a failure."""
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
