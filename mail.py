@@ -118,10 +118,12 @@ def send_by_smtp(message: EmailMessage) -> None:
             smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"] or "")
         # One recipient per message: a refusal raises SMTPRecipientsRefused rather than returning partly sent.
         smtp.send_message(message)
+    except smtplib.SMTPAuthenticationError as error:
+        raise refusal(error, f"{where} refused the login of MAIL_USERNAME {config['MAIL_USERNAME']!r}") from error
     except smtplib.SMTPRecipientsRefused as error:
         code, reply = next(iter(error.recipients.values()))
         raise refusal(smtplib.SMTPResponseException(code, reply), f"{where} refused {message['To']}") from error
-    except smtplib.SMTPResponseException as error:  # sender, data, authentication or STARTTLS refused
+    except smtplib.SMTPResponseException as error:  # sender, data or STARTTLS refused
         raise refusal(error, f"{where} refused {message['Message-ID']}") from error
     except (OSError, smtplib.SMTPException) as error:  # disconnected, timed out, TLS failed, extension missing
         raise TransientMailError(f"Sending {message['Message-ID']} to {where} failed: {error!r}") from error
