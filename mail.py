@@ -110,7 +110,7 @@ def send_by_smtp(message: EmailMessage) -> None:
     except smtplib.SMTPResponseException as error:  # a greeting other than 220
         raise refusal(error, f"SMTP server {where} refused the connection") from error
     except (OSError, smtplib.SMTPException) as error:  # refused, timed out, TLS failed (ssl.SSLError is an OSError)
-        raise TransientMailError(f"SMTP server {where} unreachable: {error!r}") from error
+        raise TransientMailError(f"Connecting to SMTP server {where} failed: {error!r}") from error
     try:
         if security == "starttls":
             smtp.starttls(context=context)

@@ -199,7 +199,7 @@ def test_smtp_closed_port_is_transient(app):
     closed = reserve()  # bound, not listening: connections are refused
     try:
         app.config.update(MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=closed.getsockname()[1])
-        with pytest.raises(TransientMailError, match="unreachable: ConnectionRefusedError"):
+        with pytest.raises(TransientMailError, match=r"Connecting to SMTP server .* failed: ConnectionRefusedError"):
             send(app, password_reset(app))
     finally:
         closed.close()
@@ -211,7 +211,7 @@ def test_smtp_server_that_never_answers_is_transient_after_mail_timeout(app):
             MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=silent.getsockname()[1], MAIL_TIMEOUT=0.2
         )
         started = time.monotonic()
-        with pytest.raises(TransientMailError, match=r"unreachable: .*timed out"):
+        with pytest.raises(TransientMailError, match=r"Connecting to SMTP server .* failed: .*timed out"):
             send(app, password_reset(app))
 
     assert 0.2 <= time.monotonic() - started < 2
