@@ -29,6 +29,7 @@ COPY --from=builder /opt/venv /opt/venv
 COPY *.py ./
 COPY routes/ routes/
 COPY migrations/ migrations/
+COPY templates/ templates/
 # Numeric, so that platforms enforcing "run as non-root" (Kubernetes' runAsNonRoot) can check it.
 USER 10001:10001
 # Render sets PORT (10000 unless told otherwise); gunicorn binds 0.0.0.0:$PORT by itself.

@@ -427,15 +427,16 @@ def test_dockerignore_keeps_secrets_history_and_local_files_out_of_the_build_con
     assert not ignored(".env", [*patterns, "!.env"])  # a pattern letting it back in would be noticed
 
 
-def test_the_image_holds_the_app_its_migrations_and_nothing_else():
+def test_the_image_holds_the_app_its_migrations_its_templates_and_nothing_else():
     placed = image_files(final_stage())
     top_level = {path.split("/")[0] for path in placed}
 
     assert {"app.py", "config.py", "models.py", "schemas.py", "commands.py", "gunicorn.conf.py"} <= top_level
-    assert {"routes", "migrations"} <= top_level
+    assert {"routes", "migrations", "templates"} <= top_level
     assert {path for path in placed if path.startswith("migrations/versions/")}, "no migration script copied"
+    assert {path for path in placed if path.startswith("templates/mail/")}, "no mail template copied"
     assert [path for path in placed if re.search(r"(^|/)(\.env|tests|bench|instance|__pycache__)(/|$)", path)] == []
-    assert top_level - {"routes", "migrations"} == {path for path in top_level if path.endswith(".py")}
+    assert top_level - {"routes", "migrations", "templates"} == {path for path in top_level if path.endswith(".py")}
 
 
 @pytest.mark.slow  # starts processes

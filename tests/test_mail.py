@@ -27,13 +27,6 @@ FIRM = "Adams, Brown & Co"  # a comma: From quotes the name
 ROW_ID = "5f0c6a1e-8d1b-4c1a-9a57-2f7d3c9e0b11"
 
 
-@pytest.fixture(autouse=True)
-def no_mail_settings(monkeypatch):
-    """The app fixture's settings come from the environment: a developer's MAIL_* variables must not count."""
-    for name in [*(name for name in os.environ if name.startswith("MAIL_")), "FIRM_NAME"]:
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()

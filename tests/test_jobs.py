@@ -1,0 +1,146 @@
+"""Sending what the outbox holds (jobs.py) to a real SMTP server: each message once, however often its sending is
+attempted; kept and sent later while the server is down; parked when it refuses for good; swept when a sender died.
+The clock is jobs.utcnow, moved by the tests."""
+
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+
+import pytest
+from smtp_server import SmtpServer
+
+import jobs
+import outbox
+from helpers import free_port
+from models import OutboxMessage, db
+
+START = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
+RESET = {"full_name": "Alice Adams", "link": "https://tasks.example.com/reset?token=t", "expires_in": "1 hour"}
+
+
+class Clock:
+    def __init__(self, now: datetime):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock(START)
+    monkeypatch.setattr(jobs, "utcnow", clock)
+    return clock
+
+
+@pytest.fixture
+def server(app):
+    with SmtpServer() as server:
+        app.config.update(
+            MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=server.port, MAIL_SECURITY="none",
+            MAIL_MESSAGE_ID_DOMAIN="finstack.example",
+        )  # fmt: skip
+        yield server
+
+
+def queue(app, event_key: str = "password-reset:1", at: datetime = START) -> str:
+    with app.app_context():
+        message = outbox.add("password_reset", "alice@example.com", event_key, RESET, at)
+        db.session.commit()
+        return message.id
+
+
+def state(app, message_id) -> OutboxMessage:
+    with app.app_context():
+        return db.session.get(OutboxMessage, message_id)
+
+
+def send(app, message_id):
+    with app.app_context():
+        return jobs.send_message(message_id)
+
+
+def test_a_message_goes_out_once_however_often_it_is_sent(app, server, clock):
+    message_id = queue(app)
+
+    assert send(app, message_id) == "sent"
+    assert send(app, message_id) is None  # the same message delivered to a worker twice
+    clock.now += timedelta(days=1)
+    assert send(app, message_id) is None
+
+    [received] = server.received
+    assert received.rcpt_tos == ["alice@example.com"]
+    assert received.message["Message-ID"] == f"<{message_id}@finstack.example>"
+    assert "https://tasks.example.com/reset?token=t" in received.message.get_body(("plain",)).get_content()
+    assert (state(app, message_id).state, state(app, message_id).sent_at) == ("sent", START)
+
+
+def test_while_the_server_is_down_a_message_waits_and_goes_out_once_it_is_back(app, clock, monkeypatch):
+    monkeypatch.setattr(outbox, "backoff", lambda attempts, rng=None: timedelta(seconds=30 * attempts))
+    port = free_port()  # nothing listens there yet
+    app.config.update(MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=port, MAIL_SECURITY="none")
+    message_id = queue(app)
+
+    assert send(app, message_id) == "pending"
+    waiting = state(app, message_id)
+    assert waiting.attempts == 1 and "TransientMailError" in waiting.last_error
+    assert waiting.next_attempt_at == START + timedelta(seconds=30)
+    clock.now += timedelta(seconds=29)
+    with app.app_context():
+        assert jobs.sweep() == 0  # not due before its backoff has passed
+
+    with SmtpServer() as server:
+        app.config["MAIL_PORT"] = server.port
+        clock.now = waiting.next_attempt_at
+        with app.app_context():
+            assert jobs.sweep() == 1
+            assert jobs.sweep() == 0
+        assert len(server.received) == 1
+    assert state(app, message_id).state == "sent" and state(app, message_id).attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "final"), [("550 5.1.1 No such user", "failed"), ("451 4.3.0 Try again later", "pending")]
+)
+def test_a_refusal_for_good_parks_the_message_and_one_for_now_retries_it(app, server, clock, reply, final):
+    server.rcpt_reply = reply
+    message_id = queue(app)
+
+    assert send(app, message_id) == final
+    assert reply.split()[0] in state(app, message_id).last_error
+    assert server.received == []
+
+
+def test_a_message_whose_sender_died_mid_send_is_swept_after_its_lease(app, server, clock):
+    message_id = queue(app)
+    with app.app_context():
+        outbox.claim(message_id, START)  # a sender claimed it, then was killed before sending
+        db.session.commit()
+        assert jobs.sweep() == 0
+
+        clock.now = START + outbox.LEASE
+        assert jobs.sweep() == 1
+    assert len(server.received) == 1 and state(app, message_id).attempts == 2
+
+
+def test_the_sweep_sends_every_due_message_and_no_other(app, server, clock):
+    due = [queue(app, f"event:{number}", START - timedelta(minutes=number)) for number in range(3)]
+    later = queue(app, "event:later", START + timedelta(minutes=1))
+
+    with app.app_context():
+        assert jobs.sweep() == 3
+
+    assert sorted(received.message["Message-ID"] for received in server.received) == sorted(
+        f"<{message_id}@finstack.example>" for message_id in due
+    )
+    assert state(app, later).state == "pending"
+
+
+def test_in_development_a_message_is_written_as_an_eml_file(app, clock, tmp_path):
+    app.config.update(MAIL_BACKEND="file", MAIL_DIR=str(tmp_path / "mail"))
+    message_id = queue(app)
+
+    assert send(app, message_id) == "sent"
+
+    [written] = (tmp_path / "mail").glob("*.eml")
+    message = message_from_bytes(written.read_bytes(), policy=policy.default)
+    assert message["To"] == "alice@example.com" and str(message_id) in message["Message-ID"]
