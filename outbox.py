@@ -55,19 +55,36 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
 
 
 def mark_sent(message: OutboxMessage, now: datetime) -> None:
-    message.state, message.sent_at, message.last_error = "sent", now, None
+    """It went out: sent, whoever holds the message now (if this sender's lease ran out and another claimed it, that
+    one's later failure must not make it go out a third time)."""
+    finish(message, OutboxMessage.state != "sent", state="sent", sent_at=now, last_error=None)
 
 
 def mark_failed(
     message: OutboxMessage, error: str, now: datetime, permanent: bool = False, rng: random.Random = random
 ) -> None:
     """A failed attempt: tried again after its backoff, or parked as failed (a permanent error, such as an address the
-    server refuses, or the last attempt)."""
-    message.last_error = error[:2000]
+    server refuses, or the last attempt). Only while this sender's claim holds: after its lease ran out, the message
+    is another sender's to mark."""
+    error = error[:2000]
     if permanent or message.attempts >= MAX_ATTEMPTS:
-        message.state = "failed"
-        return
-    message.state, message.next_attempt_at = "pending", now + backoff(message.attempts, rng)
+        values = {"state": "failed", "last_error": error}
+    else:
+        values = {"state": "pending", "last_error": error, "next_attempt_at": now + backoff(message.attempts, rng)}
+    finish(message, OutboxMessage.state == "sending", OutboxMessage.attempts == message.attempts, **values)
+
+
+def finish(message: OutboxMessage, *conditions, **values) -> None:
+    """Set ``values`` on the message where ``conditions`` hold, in one UPDATE (``message`` reloaded)."""
+    statement = (
+        update(OutboxMessage)
+        .where(OutboxMessage.id == message.id, *conditions)
+        .values(**values)
+        .returning(OutboxMessage)
+        .execution_options(populate_existing=True)
+    )
+    if db.session.scalars(statement).first() is None:
+        db.session.refresh(message)
 
 
 def backoff(attempts: int, rng: random.Random = random) -> timedelta:

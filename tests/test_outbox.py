@@ -171,3 +171,42 @@ def wait_for_a_lock_wait(timeout: float = 10) -> None:
             return
         time.sleep(0.01)
     pytest.fail("the second claim never waited for the first")
+
+
+@pytest.mark.own_database  # two senders, each with a session of its own
+def test_a_sender_whose_lease_ran_out_cannot_undo_the_next_senders_work(app):
+    late = NOW + outbox.LEASE
+
+    def queued(event_key: str) -> str:
+        with app.app_context():
+            message_id = queue(event_key=event_key).id
+            db.session.commit()
+            return message_id
+
+    def second_sender(message_id: str, finish) -> None:
+        with app.app_context():
+            finish(outbox.claim(message_id, late))
+            db.session.commit()
+
+    def final(message_id: str) -> OutboxMessage:
+        with app.app_context():
+            return db.session.get(OutboxMessage, message_id)
+
+    sent_by_the_second = queued("password-reset:1")
+    with app.app_context():  # the first sender: slow, its lease over before it marks
+        slow = outbox.claim(sent_by_the_second, NOW)
+        db.session.commit()
+        second_sender(sent_by_the_second, lambda message: outbox.mark_sent(message, late))
+        outbox.mark_failed(slow, "timed out", late + timedelta(seconds=1))  # too late: the second sent it
+        db.session.commit()
+    assert (final(sent_by_the_second).state, final(sent_by_the_second).attempts) == ("sent", 2)
+
+    sent_by_the_first = queued("invitation:1")
+    with app.app_context():
+        slow = outbox.claim(sent_by_the_first, NOW)
+        db.session.commit()
+        second_sender(sent_by_the_first, lambda message: outbox.mark_failed(message, "451", late, rng=random.Random(1)))
+        outbox.mark_sent(slow, late)  # the first sender's message did go out after all: sent, never again
+        db.session.commit()
+        assert outbox.claim(sent_by_the_first, late + outbox.BACKOFF_CAP) is None
+    assert final(sent_by_the_first).state == "sent"
