@@ -5,12 +5,15 @@ The outbox calls ``compose`` and ``deliver`` for each row it sends, inside an ap
 ``TransientMailError`` for anything that may pass (try again later). Standard library only: smtplib and email are
 better kept than any Flask mail extension."""
 
+import contextlib
 import logging
 import os
 import re
 import smtplib
+import socket
 import ssl
 import tempfile
+import threading
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
@@ -21,6 +24,8 @@ from flask import current_app, render_template
 log = logging.getLogger(__name__)
 
 # The Message-ID's left-hand side names the .eml file, so it is kept to characters safe in both.
+# A whole sending may take this many MAIL_TIMEOUTs (60 s by default), well within the outbox's 2-minute lease.
+SEND_DEADLINE_TIMEOUTS = 6
 MESSAGE_ID_LOCAL_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -52,6 +57,8 @@ def compose(kind: str, to: str, context: dict, message_id: str, date: datetime |
     message["Subject"] = subject.strip()
     message["From"] = formataddr((config["FIRM_NAME"], config["MAIL_FROM"]))
     message["To"] = to
+    if len(message["To"].addresses) != 1:
+        raise ValueError(f"One recipient per message, not {to!r}")
     message["Date"] = format_datetime(date or datetime.now(UTC))
     message["Message-ID"] = f"<{message_id}@{config['MAIL_MESSAGE_ID_DOMAIN']}>"
     message.set_content(text.lstrip("\n"))
@@ -92,7 +99,9 @@ def write_eml(message: EmailMessage) -> Path:
 
 
 def send_by_smtp(message: EmailMessage) -> None:
-    """Send ``message`` to MAIL_SERVER, protected as MAIL_SECURITY says, each wait bounded by MAIL_TIMEOUT."""
+    """Send ``message`` to MAIL_SERVER, protected as MAIL_SECURITY says: each wait bounded by MAIL_TIMEOUT, and all
+    that follows the server's greeting by SEND_DEADLINE_TIMEOUTS of them (a server answering a byte at a time is cut
+    off then), well within the outbox's lease. Resolving MAIL_SERVER's name is the system resolver's."""
     config = current_app.config
     host, port, timeout, security = (
         config["MAIL_SERVER"],
@@ -101,41 +110,57 @@ def send_by_smtp(message: EmailMessage) -> None:
         config["MAIL_SECURITY"],
     )
     where = f"{host}:{port}"
+    [recipient] = message["To"].addresses  # compose gives one: a refusal then raises rather than half-sends
     try:
         context = None if security == "none" else ssl.create_default_context(cafile=config["MAIL_CA_FILE"])
         if security == "tls":
             smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
         else:
             smtp = smtplib.SMTP(host, port, timeout=timeout)
-    except smtplib.SMTPResponseException as error:  # a greeting other than 220
-        raise refusal(error, f"SMTP server {where} refused the connection") from error
-    except (OSError, smtplib.SMTPException) as error:  # refused, timed out, TLS failed (ssl.SSLError is an OSError)
+    except (OSError, smtplib.SMTPException) as error:  # refused, timed out, TLS failed, a greeting not 220
         raise TransientMailError(f"Connecting to SMTP server {where} failed: {error!r}") from error
+    deadline = threading.Timer(timeout * SEND_DEADLINE_TIMEOUTS, hang_up, [smtp])
+    deadline.start()
     try:
         if security == "starttls":
             smtp.starttls(context=context)
         if config["MAIL_USERNAME"]:
             smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"] or "")
-        # One recipient per message: a refusal raises SMTPRecipientsRefused rather than returning partly sent.
-        smtp.send_message(message)
-    except smtplib.SMTPAuthenticationError as error:
-        raise refusal(error, f"{where} refused the login of MAIL_USERNAME {config['MAIL_USERNAME']!r}") from error
+        smtp.send_message(message, to_addrs=[recipient.addr_spec])
+    except smtplib.SMTPAuthenticationError as error:  # our setting, not this message: tried again later
+        raise TransientMailError(
+            f"{where} refused the login of MAIL_USERNAME {config['MAIL_USERNAME']!r}: {reply(error)}"
+        ) from error
     except smtplib.SMTPRecipientsRefused as error:
-        code, reply = next(iter(error.recipients.values()))
-        raise refusal(smtplib.SMTPResponseException(code, reply), f"{where} refused {message['To']}") from error
-    except smtplib.SMTPResponseException as error:  # sender, data or STARTTLS refused
+        code, text = next(iter(error.recipients.values()))
+        raise refusal(smtplib.SMTPResponseException(code, text), f"{where} refused {message['To']}") from error
+    except smtplib.SMTPDataError as error:  # this message refused, its recipient accepted
         raise refusal(error, f"{where} refused {message['Message-ID']}") from error
-    except (OSError, smtplib.SMTPException) as error:  # disconnected, timed out, TLS failed, extension missing
+    except (OSError, smtplib.SMTPException) as error:  # MAIL FROM or STARTTLS refused, disconnected, timed out
         raise TransientMailError(f"Sending {message['Message-ID']} to {where} failed: {error!r}") from error
     finally:
+        deadline.cancel()
         close(smtp)
 
 
+def hang_up(smtp: smtplib.SMTP) -> None:
+    """The deadline passed: end the connection, so that the wait in progress fails at once."""
+    if (sock := getattr(smtp, "sock", None)) is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def reply(error: smtplib.SMTPResponseException) -> str:
+    text = error.smtp_error.decode(errors="replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
+    return f"{error.smtp_code} {text}"
+
+
 def refusal(error: smtplib.SMTPResponseException, what: str) -> MailError:
-    """A 5xx reply is final; any other (4xx: busy, greylisted, out of space) says try again later."""
-    reply = error.smtp_error.decode(errors="replace") if isinstance(error.smtp_error, bytes) else error.smtp_error
+    """A refusal of this recipient or this message: a 5xx is final; any other (4xx: busy, greylisted, out of space)
+    says try again later. Refusals of our own settings (the login, the sender, STARTTLS) are never final: once the
+    settings are put right, the messages waiting go out."""
     kind = PermanentMailError if 500 <= error.smtp_code < 600 else TransientMailError
-    return kind(f"{what}: {error.smtp_code} {reply}")
+    return kind(f"{what}: {reply(error)}")
 
 
 def close(smtp: smtplib.SMTP) -> None:

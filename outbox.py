@@ -43,10 +43,16 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
     """Take a due message for sending, for LEASE: the message, or None if it is not due (sent, failed, waiting for
     its next attempt, or claimed by another sender). One conditional UPDATE: of two senders claiming it at once,
     PostgreSQL makes the second wait for the first and then finds it no longer due; SQLite has one writer at a time.
-    The attempt is counted here, before sending, so a message that kills its sender every time still ends failed."""
+    The attempt is counted here, before sending, so a message that kills its sender every time is claimed at most
+    MAX_ATTEMPTS times, then parked by ``park_abandoned``."""
     statement = (
         update(OutboxMessage)
-        .where(OutboxMessage.id == message_id, OutboxMessage.state.in_(DUE), OutboxMessage.next_attempt_at <= now)
+        .where(
+            OutboxMessage.id == message_id,
+            OutboxMessage.state.in_(DUE),
+            OutboxMessage.next_attempt_at <= now,
+            OutboxMessage.attempts < MAX_ATTEMPTS,
+        )
         .values(state="sending", attempts=OutboxMessage.attempts + 1, next_attempt_at=now + LEASE)
         .returning(OutboxMessage)
         .execution_options(populate_existing=True)
@@ -65,13 +71,15 @@ def mark_failed(
 ) -> None:
     """A failed attempt: tried again after its backoff, or parked as failed (a permanent error, such as an address the
     server refuses, or the last attempt). Only while this sender's claim holds: after its lease ran out, the message
-    is another sender's to mark."""
+    is another sender's to mark (its lease's end tells the claims apart, even after an administrator's retry)."""
     error = error[:2000]
     if permanent or message.attempts >= MAX_ATTEMPTS:
         values = {"state": "failed", "last_error": error}
     else:
         values = {"state": "pending", "last_error": error, "next_attempt_at": now + backoff(message.attempts, rng)}
-    finish(message, OutboxMessage.state == "sending", OutboxMessage.attempts == message.attempts, **values)
+    finish(
+        message, OutboxMessage.state == "sending", OutboxMessage.next_attempt_at == message.next_attempt_at, **values
+    )
 
 
 def finish(message: OutboxMessage, *conditions, **values) -> None:
@@ -91,6 +99,22 @@ def backoff(attempts: int, rng: random.Random = random) -> timedelta:
     """The wait after the ``attempts``-th failed attempt: random, up to BACKOFF_BASE x 2^(attempts - 1), capped."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempts - 1))
     return ceiling * rng.random()
+
+
+def park_abandoned(now: datetime) -> int:
+    """Park as failed the messages whose every attempt ended with its sender gone (killed, out of memory: something in
+    the message kills it, perhaps): how many. Run by the sweep."""
+    statement = (
+        update(OutboxMessage)
+        .where(
+            OutboxMessage.state == "sending",
+            OutboxMessage.next_attempt_at <= now,
+            OutboxMessage.attempts >= MAX_ATTEMPTS,
+        )
+        .values(state="failed", last_error=f"Its sender stopped during each of its {MAX_ATTEMPTS} attempts.")
+        .execution_options(synchronize_session=False)
+    )
+    return db.session.execute(statement).rowcount
 
 
 def due(now: datetime, limit: int = 100) -> list:

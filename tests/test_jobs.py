@@ -144,3 +144,20 @@ def test_in_development_a_message_is_written_as_an_eml_file(app, clock, tmp_path
     [written] = (tmp_path / "mail").glob("*.eml")
     message = message_from_bytes(written.read_bytes(), policy=policy.default)
     assert message["To"] == "alice@example.com" and str(message_id) in message["Message-ID"]
+
+
+def test_with_email_disabled_a_message_is_dropped_without_a_sender_address(app, clock):
+    app.config.update(MAIL_BACKEND="disabled", MAIL_FROM=None)  # production's opt-out, with nothing else set
+    message_id = queue(app)
+
+    assert send(app, message_id) == "sent"
+
+
+def test_a_message_that_cannot_be_built_waits_for_its_next_attempt_with_the_error(app, clock):
+    with app.app_context():
+        message = outbox.add("no_such_template", "alice@example.com", "event:1", {}, START)
+        db.session.commit()
+        message_id = message.id
+
+    assert send(app, message_id) == "pending"
+    assert "TemplateNotFound" in state(app, message_id).last_error

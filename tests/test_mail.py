@@ -6,6 +6,7 @@ import email.policy
 import logging
 import os
 import socket
+import threading
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -16,7 +17,7 @@ from smtp_server import SmtpServer
 from tcp_proxy import reserve
 
 from config import Config, ConfigError
-from mail import PermanentMailError, TransientMailError, compose, deliver
+from mail import SEND_DEADLINE_TIMEOUTS, PermanentMailError, TransientMailError, compose, deliver
 
 RESET = {
     "full_name": "Alice <b>Adams</b> & Co",
@@ -159,10 +160,10 @@ def test_smtp_logs_in_when_a_username_is_set(app, ca, ca_file, security):
     assert [(received.login, received.encrypted) for received in server.received] == [("mailer", True)]
 
 
-def test_smtp_wrong_password_is_permanent(app, ca, ca_file):
+def test_smtp_wrong_password_is_transient_a_setting_to_put_right_not_a_bad_message(app, ca, ca_file):
     with SmtpServer("starttls", ca=ca, login=("mailer", "s3cret")) as server:
         use_server(app, server, MAIL_CA_FILE=ca_file, MAIL_USERNAME="mailer", MAIL_PASSWORD="wrong")
-        with pytest.raises(PermanentMailError, match=r"refused the login of MAIL_USERNAME 'mailer': 535 "):
+        with pytest.raises(TransientMailError, match=r"refused the login of MAIL_USERNAME 'mailer': 535 "):
             send(app, password_reset(app))
 
     assert server.received == []
@@ -208,6 +209,43 @@ def test_smtp_server_that_never_answers_is_transient_after_mail_timeout(app):
             send(app, password_reset(app))
 
     assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_smtp_server_answering_a_byte_at_a_time_is_cut_off_at_the_deadline(app):
+    """Each byte comes within MAIL_TIMEOUT, so only the deadline over the whole sending ends it."""
+    stop = threading.Event()
+
+    def drip(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(b"220 slow.example ESMTP\r\n")
+            connection.recv(1024)  # EHLO
+            while not stop.wait(0.05):
+                try:
+                    connection.sendall(b"2")  # "250 ..." that never ends
+                except OSError:
+                    return
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=drip, args=(listener,), daemon=True)
+        server.start()
+        app.config.update(
+            MAIL_BACKEND="smtp", MAIL_SERVER="127.0.0.1", MAIL_PORT=listener.getsockname()[1], MAIL_TIMEOUT=0.2,
+            MAIL_SECURITY="none",
+        )  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(TransientMailError, match="failed"):
+            send(app, password_reset(app))
+        took = time.monotonic() - started
+        stop.set()
+        server.join(5)
+
+    assert 0.2 * SEND_DEADLINE_TIMEOUTS <= took < 0.2 * SEND_DEADLINE_TIMEOUTS + 1
+
+
+def test_a_message_has_one_recipient(app):
+    with pytest.raises(ValueError, match="One recipient per message"):
+        password_reset(app, to="alice@example.com, mallory@evil.example")
 
 
 @pytest.mark.parametrize("security", ["starttls", "tls"])

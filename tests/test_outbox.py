@@ -210,3 +210,41 @@ def test_a_sender_whose_lease_ran_out_cannot_undo_the_next_senders_work(app):
         db.session.commit()
         assert outbox.claim(sent_by_the_first, late + outbox.BACKOFF_CAP) is None
     assert final(sent_by_the_first).state == "sent"
+
+
+def test_a_message_that_kills_its_sender_every_time_is_parked_after_its_last_attempt(app):
+    with app.app_context():
+        message_id = queue().id
+        now = NOW
+        for _ in range(outbox.MAX_ATTEMPTS):  # each sender dies mid-send: its lease runs out
+            assert outbox.claim(message_id, now) is not None
+            now += outbox.LEASE
+        assert outbox.claim(message_id, now) is None  # no ninth attempt
+        assert outbox.park_abandoned(now - timedelta(seconds=1)) == 0  # the last sender's lease still runs
+
+        assert outbox.park_abandoned(now) == 1
+        db.session.commit()
+        parked = db.session.get(OutboxMessage, message_id)
+        db.session.refresh(parked)
+        assert parked.state == "failed" and "stopped during each of its 8 attempts" in parked.last_error
+        assert outbox.due(now + timedelta(days=1)) == []
+
+
+def test_a_late_failure_does_not_undo_a_claim_made_after_an_administrators_retry(app):
+    """Attempts start again at 0 after a retry, so they cannot tell claims apart; the lease's end can."""
+    with app.app_context():
+        message_id = queue().id
+        first = outbox.claim(message_id, NOW)  # the first sender, whose lease runs out while it waits
+        db.session.commit()
+        with app.app_context():  # meanwhile, in other senders' sessions
+            second = outbox.claim(message_id, NOW + outbox.LEASE)
+            outbox.mark_failed(second, "550 no such mailbox", NOW + outbox.LEASE, permanent=True)
+            outbox.retry(message_id, NOW + outbox.LEASE)
+            third = outbox.claim(message_id, NOW + outbox.LEASE + timedelta(seconds=1))
+            assert third.attempts == first.attempts == 1
+            db.session.commit()
+
+        outbox.mark_failed(first, "timed out", NOW + outbox.LEASE + timedelta(seconds=2))  # the first, late
+        db.session.commit()
+
+        assert (first.state, first.last_error) == ("sending", "550 no such mailbox")  # the third's claim stands
