@@ -19,7 +19,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 
-from flask import current_app, render_template
+from flask import current_app
+from jinja2 import Environment, StrictUndefined
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def compose(kind: str, to: str, context: dict, message_id: str, date: datetime |
     if not MESSAGE_ID_LOCAL_PART.fullmatch(message_id):
         raise ValueError(f"message_id must be letters, digits, '.', '_' or '-', not {message_id!r}")
     context = {"firm_name": config["FIRM_NAME"], **context}
-    subject, _, text = render_template(f"mail/{kind}.txt", **context).lstrip().partition("\n")
+    subject, _, text = render(f"mail/{kind}.txt", context).lstrip().partition("\n")
 
     message = EmailMessage()
     message["Subject"] = subject.strip()
@@ -62,8 +63,19 @@ def compose(kind: str, to: str, context: dict, message_id: str, date: datetime |
     message["Date"] = format_datetime(date or datetime.now(UTC))
     message["Message-ID"] = f"<{message_id}@{config['MAIL_MESSAGE_ID_DOMAIN']}>"
     message.set_content(text.lstrip("\n"))
-    message.add_alternative(render_template(f"mail/{kind}.html", **context), subtype="html")
+    message.add_alternative(render(f"mail/{kind}.html", context), subtype="html")
     return message
+
+
+def render(template: str, context: dict) -> str:
+    """A mail template rendered strictly: a value the template names and the context lacks is an error, not an
+    empty link in someone's inbox. The app's templates and autoescaping (.html only), without its request globals."""
+    environment: Environment | None = current_app.extensions.get("mail_templates")
+    if environment is None:
+        environment = current_app.extensions["mail_templates"] = current_app.jinja_env.overlay(
+            undefined=StrictUndefined
+        )
+    return environment.get_template(template).render(**context)
 
 
 def deliver(message: EmailMessage) -> None:

@@ -13,6 +13,7 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 import trustme
+from jinja2 import UndefinedError
 from smtp_server import SmtpServer
 from tcp_proxy import reserve
 
@@ -329,3 +330,9 @@ def test_mail_ca_file_of_no_certificates_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="MAIL_CA_FILE must be a PEM file"):
         Config({"MAIL_CA_FILE": str(tmp_path / "empty.pem")})
+
+
+def test_a_value_missing_from_the_context_is_an_error_not_an_empty_link(app):
+    without_link = {"full_name": "Alice", "expires_in": "valid for 1 hour"}
+    with app.app_context(), pytest.raises(UndefinedError, match="link"):
+        compose("password_reset", "alice@example.com", without_link, ROW_ID)
