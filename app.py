@@ -33,7 +33,18 @@ from config import (
     resolve_secrets,
 )
 from models import db
-from routes import JSONProvider, analytics, auth, docs, export, health, refuse_other_content_types, tasks, users
+from routes import (
+    JSONProvider,
+    analytics,
+    auth,
+    docs,
+    export,
+    health,
+    outbox,
+    refuse_other_content_types,
+    tasks,
+    users,
+)
 from routes.errors import register_error_handlers
 from routes.limits import init_limiter
 from routes.logs import configure_logging, register_request_logging
@@ -96,7 +107,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         referrer_policy="no-referrer",
     )
 
-    for module in (auth, users, tasks, export, analytics, health, docs):
+    for module in (auth, users, tasks, export, analytics, outbox, health, docs):
         app.register_blueprint(module.bp)
     app.register_blueprint(docs.swagger_ui_blueprint())
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])

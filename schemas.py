@@ -10,7 +10,7 @@ from marshmallow import Schema, ValidationError, fields, post_load, pre_load, va
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
 from config import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
-from models import TASK_EVENT_ACTIONS, TASK_STATUSES
+from models import OUTBOX_STATES, TASK_EVENT_ACTIONS, TASK_STATUSES
 
 SORTABLE_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
 MAX_PER_PAGE = 100
@@ -703,3 +703,40 @@ def page_dumper(schema_class: type[Schema]) -> Callable[[object, dict], dict]:
         return answer
 
     return dump
+
+
+class OutboxQuerySchema(Schema):
+    state = Text(validate=OneOf(OUTBOX_STATES), metadata={"description": "Only messages in this state."})
+    limit = QueryInteger(
+        load_default=50, validate=Range(min=1, max=200), metadata={"description": "At most this many, newest first."}
+    )
+
+
+class OutboxMessageSchema(Schema):
+    """A message in the outbox, for administrators: what it is, to whom, and how its sending goes. Its payload (a
+    password-reset link, say) is never shown."""
+
+    id = fields.UUID(dump_only=True, required=True)
+    kind = fields.String(
+        dump_only=True, required=True, metadata={"description": "What it is, e.g. the mail template's name."}
+    )
+    recipient = fields.String(dump_only=True, required=True)
+    event_key = fields.String(dump_only=True, required=True, metadata={"description": "The event that caused it."})
+    state = fields.String(dump_only=True, required=True, validate=OneOf(OUTBOX_STATES))
+    attempts = fields.Integer(dump_only=True, required=True)
+    next_attempt_at = Timestamp(
+        dump_only=True,
+        required=True,
+        metadata={"description": "When it is tried next (pending), or when its sender's lease ends (sending)."},
+    )
+    last_error = fields.String(dump_only=True, required=True, allow_none=True)
+    created_at = Timestamp(dump_only=True, required=True)
+    sent_at = Timestamp(dump_only=True, required=True, allow_none=True)
+
+
+class OutboxListSchema(Schema):
+    messages = fields.List(fields.Nested(OutboxMessageSchema), required=True)
+
+
+class OutboxMessageResponseSchema(Schema):
+    message = fields.Nested(OutboxMessageSchema, required=True)

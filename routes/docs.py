@@ -37,6 +37,10 @@ TAGS = [
     {"name": "users", "description": "Profiles, the assignment list, and administration of accounts."},
     {"name": "tasks", "description": "Calls, meetings and follow-ups logged against client entities."},
     {"name": "analytics", "description": "The dashboard's figures."},
+    {
+        "name": "outbox",
+        "description": "Administrators: the email waiting to go out, what failed, and sending it again.",
+    },
     {"name": "health", "description": "Liveness and readiness for load balancers, and metrics for Prometheus."},
     {"name": "docs", "description": "This document."},
 ]
