@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, registry, relationship
 from sqlalchemy.types import TypeDecorator
@@ -91,6 +92,12 @@ def postgresql_only(index: Index) -> Index:
     """An index created on PostgreSQL only (migrations/env.py reads ``info`` so autogenerate agrees)."""
     index.info["dialect"] = "postgresql"
     return index.ddl_if(dialect="postgresql")
+
+
+def insert(entity):
+    """An INSERT that can say ON CONFLICT DO NOTHING: each database's own construct, for the session's database."""
+    dialect = postgresql if db.session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(entity)
 
 
 def simple_lower(text):

@@ -9,9 +9,8 @@ import random
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from models import OutboxMessage, db
+from models import OutboxMessage, db, insert
 
 # How long a claim holds a message: a sender that dies mid-send (killed, its machine gone) frees it after this, and
 # the sweep hands it to another. Longer than any send takes (the SMTP timeout is 10 s per reply).
@@ -28,10 +27,9 @@ DUE = ("pending", "sending")
 def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> OutboxMessage | None:
     """Queue a message in the caller's transaction. ``event_key`` names the event that caused it: the same event for
     the same recipient is queued once, however often it is added (None then)."""
-    dialect = postgresql if db.session.get_bind().dialect.name == "postgresql" else sqlite
     row = {"kind": kind, "recipient": recipient, "event_key": event_key, "payload": payload}
     statement = (
-        dialect.insert(OutboxMessage)
+        insert(OutboxMessage)
         .values(**row, state="pending", attempts=0, next_attempt_at=now, created_at=now)
         .on_conflict_do_nothing(index_elements=["event_key", "recipient"])
         .returning(OutboxMessage)

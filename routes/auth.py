@@ -24,13 +24,12 @@ from flask_jwt_extended import (
 from marshmallow import ValidationError
 from sqlalchemy import event, exists, or_, select
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from config import ascii_domain, readable_domain
-from models import LoginSession, RevokedToken, User, db, utcnow
+from models import LoginSession, RevokedToken, User, db, insert, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
 from routes.limits import (
@@ -339,7 +338,6 @@ def revoke(expiry_by_id: dict[str, datetime]) -> None:
     """Blocklist token or session ids until their expiry; ids already there stay as they are."""
     if not expiry_by_id:
         return
-    insert = postgresql.insert if db.session.get_bind().dialect.name == "postgresql" else sqlite.insert
     now = utcnow()
     rows = [{"jti": key, "expires_at": expires_at, "revoked_at": now} for key, expires_at in expiry_by_id.items()]
     db.session.execute(insert(RevokedToken).values(rows).on_conflict_do_nothing(index_elements=["jti"]))

@@ -15,16 +15,14 @@ from datetime import timedelta
 from flask import Response, current_app, g, request
 from flask_jwt_extended import get_current_user
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from models import IdempotencyKey, db, utcnow
+from models import IdempotencyKey, db, insert, utcnow
 from routes.errors import APIError
 
 HEADER = "Idempotency-Key"
 KEY_FORMAT = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft's examples and Stripe's keys
 LIFETIME = timedelta(hours=24)
 KEPT_HEADERS = ("ETag",)  # beside the status and the body, replayed as first sent
-INSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
 def request_fingerprint() -> str:
@@ -47,7 +45,7 @@ def replay_or_claim():
     this_key = (IdempotencyKey.user_id == user_id) & (IdempotencyKey.key == key)
     db.session.execute(delete(IdempotencyKey).where(this_key, IdempotencyKey.expires_at <= now))
     claim = (
-        INSERT[db.session.get_bind().dialect.name](IdempotencyKey)
+        insert(IdempotencyKey)
         .values(user_id=user_id, key=key, request_hash=fingerprint, created_at=now, expires_at=now + LIFETIME)
         .on_conflict_do_nothing()
         .returning(IdempotencyKey.key)
