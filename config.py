@@ -25,6 +25,7 @@ from werkzeug.security import generate_password_hash
 VERSION = "1.0.0"
 
 DEFAULT_CORS_ORIGINS = "http://localhost:4200,http://127.0.0.1:4200"
+DEFAULT_FRONTEND_URL = "http://localhost:4200"  # `ng serve`
 DEFAULT_ADMIN_PASSWORD = "admin123"  # development only, documented, and warned about when used
 MIN_SECRET_BYTES = 32
 SECRET_NAMES = ("SECRET_KEY", "JWT_SECRET_KEY")
@@ -56,13 +57,16 @@ MAIL_BACKENDS = ("file", "smtp", "disabled")
 MAIL_SECURITY_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 MAIL_ADDRESS = re.compile(r"[^@\s<>\"(),;:]+@[^@\s<>\"(),;:]+")
 APP_ENVS = ("development", "production")
-# Who may create an account with POST /api/auth/register (administrators always can, with POST /api/users).
-REGISTRATION_MODES = ("open", "domain", "closed")
+# Who may create an account with POST /api/auth/register: anyone, addresses of ALLOWED_EMAIL_DOMAINS once verified,
+# only people an administrator invited (POST /api/invitations), or no one. Administrators always can (POST /api/users).
+REGISTRATION_MODES = ("open", "domain", "invite", "closed")
 DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 # An exact origin: scheme and host (and port), no path and nothing Flask-CORS would read as a pattern.
 ORIGIN = re.compile(
     r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.-]*://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?"
 )
+
+FRONTEND_URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
 
 
 class ConfigError(RuntimeError):
@@ -300,6 +304,19 @@ def parse_origins(value: str) -> list[str]:
     return origins
 
 
+def parse_frontend_url(value: str | None) -> str | None:
+    """FRONTEND_URL: an http(s) URL without query or fragment, kept without its trailing slash."""
+    if value is None:
+        return None
+    url = value.strip().rstrip("/")
+    if not FRONTEND_URL.fullmatch(url):
+        raise ConfigError(
+            f"FRONTEND_URL must be the web app's address, such as https://tasks.example.com (a path may follow; no "
+            f"query), not {value!r}."
+        )
+    return url
+
+
 def parse_flag(name: str, value: str | None, default: bool) -> bool:
     if value is None or value == "":
         return default
@@ -372,8 +389,8 @@ def parse_domains(value: str | None) -> tuple[str, ...]:
 
 
 def parse_registration(value: str | None, domains: tuple[str, ...], production: bool) -> str:
-    """REGISTRATION: open, domain (with ALLOWED_EMAIL_DOMAINS) or closed; closed in production unless set."""
-    mode = (value or ("closed" if production else "open")).strip().lower()
+    """REGISTRATION: open, domain (with ALLOWED_EMAIL_DOMAINS), invite or closed; invite in production unless set."""
+    mode = (value or ("invite" if production else "open")).strip().lower()
     if mode not in REGISTRATION_MODES:
         raise ConfigError(f"REGISTRATION must be {', '.join(REGISTRATION_MODES)}, not {value!r}.")
     if mode == "domain" and not domains:
@@ -556,6 +573,8 @@ class Config:
             )
         self.MAIL_DIR = env("MAIL_DIR")  # unset: mail/ in the instance folder, which only the app knows
         self.FIRM_NAME = env("FIRM_NAME", "FinStack")
+        # Where the links in emails lead: the Angular app, which takes the token from the link and calls the API.
+        self.FRONTEND_URL = parse_frontend_url(env("FRONTEND_URL", None if production else DEFAULT_FRONTEND_URL))
 
 
 def debugger_in_production(how: str) -> ConfigError:

@@ -139,6 +139,9 @@ class User(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     is_admin: Mapped[bool] = mapped_column(default=False, server_default=false())
     phone: Mapped[str | None] = mapped_column(String(32))
+    # When the account proved it owns ``email`` (a link followed); None while it has not. Only self-registration
+    # with REGISTRATION=domain waits for it; accounts made any other way count as verified from their creation.
+    email_verified_at: Mapped[datetime | None] = mapped_column(default=utcnow)
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
@@ -789,3 +792,37 @@ class OutboxMessage(db.Model):
 
     def __repr__(self) -> str:
         return f"<OutboxMessage {self.id} {self.kind} to {self.recipient}: {self.state}>"
+
+
+TOKEN_PURPOSES = ("password_reset", "invitation", "email_verification", "email_change")
+
+
+class OneTimeToken(db.Model):
+    """A link sent by email that works once: a password reset, an invitation, an address's verification, a new
+    address's confirmation. Only the SHA-256 of the random token is stored, so the table's contents open nothing; a
+    token dies when used (``used_at``), revoked (``revoked_at``) or past ``expires_at``.
+
+    ``email`` is the address the link went to (the invitee's, the new address); ``user_id`` the account it acts on
+    (none for an invitation); ``created_by_id`` who asked for it (the inviting administrator)."""
+
+    __tablename__ = "one_time_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    purpose: Mapped[str] = mapped_column(String(20))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="CASCADE"), index=True)
+    created_by_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("app_users.id", ondelete="SET NULL"))
+    data: Mapped[Any] = mapped_column(JSON, nullable=True)  # what the purpose needs besides, e.g. an invitee's role
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    used_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        CheckConstraint(f"purpose IN {TOKEN_PURPOSES}", name="purpose"),
+        Index("ix_one_time_tokens_purpose_email", "purpose", "email"),  # an address's invitations, its resends
+    )
+
+    def __repr__(self) -> str:
+        return f"<OneTimeToken {self.id} {self.purpose} for {self.email}>"

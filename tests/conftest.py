@@ -24,7 +24,7 @@ from flask_sqlalchemy.session import _app_ctx_id
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from app import MIGRATIONS, create_app
-from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Server, scratch_postgres_database, settings, token_for
+from helpers import PASSWORD, POSTGRES_URL, REDIS_URL, Mailbox, Server, scratch_postgres_database, settings, token_for
 from models import Task, User, db
 from schemas import TaskSchema
 
@@ -78,6 +78,7 @@ APP_ENVIRONMENT = (
     "MAIL_MESSAGE_ID_DOMAIN",
     "MAIL_DIR",
     "FIRM_NAME",
+    "FRONTEND_URL",
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()
@@ -357,6 +358,12 @@ def make_task(app, user):
             return TaskSchema().dump(db.session.get(Task, task.id))
 
     return make
+
+
+@pytest.fixture
+def mailbox(app) -> Mailbox:
+    """The email the app sends: ``mailbox.deliver()`` sends what its outbox holds and returns the new messages."""
+    return Mailbox(app)
 
 
 @pytest.fixture

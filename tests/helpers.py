@@ -15,12 +15,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from flask_jwt_extended import create_access_token, decode_token
 
+import jobs
 from config import engine_options, normalise_database_url
 from models import User, db
 from routes.auth import start_session
@@ -214,3 +217,23 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class Mailbox:
+    """The email an app sends with MAIL_BACKEND=file (its default outside production), as a person would read it.
+    ``deliver()`` sends what the outbox holds now (``jobs.sweep``, in the test's thread) and returns the messages
+    it wrote, parsed with the standard ``email`` package, oldest first."""
+
+    def __init__(self, app):
+        self.app = app
+        self.seen: set[Path] = set()
+
+    def folder(self) -> Path:
+        return Path(self.app.config["MAIL_DIR"] or Path(self.app.instance_path) / "mail")
+
+    def deliver(self) -> list[EmailMessage]:
+        with self.app.app_context():
+            jobs.sweep()
+        new = sorted(set(self.folder().glob("*.eml")) - self.seen, key=lambda path: path.stat().st_mtime_ns)
+        self.seen.update(new)
+        return [message_from_bytes(path.read_bytes(), policy=policy.default) for path in new]

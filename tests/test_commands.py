@@ -167,6 +167,7 @@ def test_migrations_build_the_schema_the_models_describe(fresh_database_url, tmp
         assert set(db.metadata.tables) == {
             "app_users", "tasks", "login_sessions", "revoked_tokens", "task_counts", "task_events", "idempotency_keys",
             "task_day_counts", "time_to_close_counts", "times_to_close", "entity_name_counts", "outbox_messages",
+            "one_time_tokens",
         }  # fmt: skip
         # autogenerate compares no check constraints: these are checked here
         checks = {check["name"] for check in inspector.get_check_constraints("tasks")}

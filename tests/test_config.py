@@ -82,7 +82,9 @@ def test_cors_origin_is_a_comma_separated_list():
         ({"FLASK_DEBUG": "maybe"}, "FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'maybe'"),
         ({"FLASK_DEBUG": "off"}, "FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'off'"),
         ({"FLASK_DEBUG": "0 ", "APP_ENV": "production"}, "FLASK_DEBUG must be 1 (debugger on"),
-        ({"REGISTRATION": "invite"}, "REGISTRATION must be open, domain, closed, not 'invite'"),
+        ({"REGISTRATION": "invited"}, "REGISTRATION must be open, domain, invite, closed, not 'invited'"),
+        ({"FRONTEND_URL": "tasks.example.com"}, "FRONTEND_URL must be the web app's address"),
+        ({"FRONTEND_URL": "https://tasks.example.com/?next=1"}, "FRONTEND_URL must be the web app's address"),
         ({"REGISTRATION": "domain"}, "ALLOWED_EMAIL_DOMAINS must list the accepted email domains"),
         ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": " , "}, "ALLOWED_EMAIL_DOMAINS must list"),
         ({"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "*.example.com"}, "no wildcards"),
@@ -397,7 +399,7 @@ def test_flask_env_production_means_production_when_app_env_is_unset():
     config = Config({"FLASK_ENV": "production"})
 
     assert config.APP_ENV == "production"
-    assert (config.AUTO_MIGRATE, config.ADMIN_PASSWORD, config.REGISTRATION) == (False, None, "closed")
+    assert (config.AUTO_MIGRATE, config.ADMIN_PASSWORD, config.REGISTRATION) == (False, None, "invite")
     assert config.RATELIMIT_STORAGE_URI is None  # so production's checks demand Redis, secrets and a metrics token
 
 
@@ -424,8 +426,9 @@ def test_flask_debug_is_left_to_flask_in_development():
     ("environment", "mode", "domains"),
     [
         ({}, "open", ()),
-        ({"APP_ENV": "production"}, "closed", ()),
-        ({"FLASK_ENV": "production"}, "closed", ()),
+        ({"APP_ENV": "production"}, "invite", ()),
+        ({"FLASK_ENV": "production"}, "invite", ()),
+        ({"REGISTRATION": "invite"}, "invite", ()),
         ({"APP_ENV": "production", "REGISTRATION": "open"}, "open", ()),
         ({"REGISTRATION": "closed"}, "closed", ()),
         (
@@ -440,7 +443,7 @@ def test_flask_debug_is_left_to_flask_in_development():
         ),
     ],
 )
-def test_registration_is_open_in_development_and_closed_in_production_unless_set(environment, mode, domains):
+def test_registration_is_open_in_development_and_by_invitation_in_production_unless_set(environment, mode, domains):
     config = Config(environment)
 
     assert (mode, domains) == (config.REGISTRATION, config.ALLOWED_EMAIL_DOMAINS)
