@@ -32,6 +32,7 @@ from config import (
     reads_without_transactions,
     resolve_secrets,
 )
+from jobs import init_jobs
 from models import db
 from routes import (
     JSONProvider,
@@ -82,6 +83,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     init_metrics(app)
     migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
     auth.jwt.init_app(app)
+    init_jobs(app)
     CORS(
         app,
         resources={r"/api/*": {"origins": app.config["CORS_ORIGINS"]}},
@@ -179,6 +181,7 @@ if __name__ == "__main__":
     with configuration_errors_as_one_line():
         application = create_app()
         prepare_database(application)
+    application.extensions["jobs"].start()  # the embedded runner's sweep sends what an earlier run left
     application.run(
         host=application.config["HOST"],
         port=application.config["PORT"],

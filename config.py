@@ -304,6 +304,44 @@ def parse_origins(value: str) -> list[str]:
     return origins
 
 
+def checked_broker_url(url: str | None) -> str | None:
+    """CELERY_BROKER_URL: Redis (redis://, rediss:// for TLS), or unset for the embedded runner."""
+    if url is not None and not url.startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            "CELERY_BROKER_URL must be a Redis URL such as redis://localhost:6379/1 (rediss:// with TLS), or unset to "
+            "run jobs inside the app's own process (development)."
+        )
+    return url
+
+
+def celery_settings(broker_url: str | None, queue: str) -> dict:
+    """Celery's settings (jobs.celery_init_app). A task is acknowledged once it has run, one at a time per worker
+    process, so a worker that dies mid-send leaves its task to be delivered again; the outbox's claim makes a
+    second delivery harmless, and the sweep covers a task the broker lost. No results are kept: the outbox row is
+    the result. The workers log through the app's own logging (JSON in production)."""
+    return {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 5,
+        # A request's commit hands messages to the broker: with the broker away, it gives up at once (one retry)
+        # rather than keep the request waiting, as the sweep sends them later. Workers reconnect on their own terms.
+        "broker_transport_options": {
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+        },
+        "task_default_queue": queue,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "timezone": "UTC",
+    }
+
+
 def parse_frontend_url(value: str | None) -> str | None:
     """FRONTEND_URL: an http(s) URL without query or fragment, kept without its trailing slash."""
     if value is None:
@@ -500,6 +538,8 @@ class Config:
         self.REGISTRATION = parse_registration(env("REGISTRATION"), self.ALLOWED_EMAIL_DOMAINS, production)
 
         self.configure_mail(env, production)
+        self.CELERY_BROKER_URL = checked_broker_url(env("CELERY_BROKER_URL"))
+        self.CELERY = celery_settings(self.CELERY_BROKER_URL, env("CELERY_QUEUE", "finstack"))
 
         self.CORS_ORIGINS = parse_origins(env("CORS_ORIGIN", DEFAULT_CORS_ORIGINS))
         self.MAX_CONTENT_LENGTH = 1024 * 1024

@@ -1,14 +1,38 @@
-"""Background work (issue 15): sending what the outbox holds. ``send_message`` sends one message, once, whoever calls it
-and however often; ``sweep`` hands every due message to a sender (messages whose first sending was lost, and retries
-whose backoff has passed). Celery's tasks and the embedded runner, which come next, only call these two."""
+"""Background work: sending what the outbox holds. ``send_message`` sends one message, once, whoever calls it and
+however often; ``sweep`` hands every due message to a sender (messages whose hand-over at commit was lost, and
+retries whose backoff has passed). Everything else here only decides where those two run:
 
+- With CELERY_BROKER_URL (production), a commit that queued messages hands each one to the Celery workers through
+  the broker (``send_message_task``), and Celery beat runs ``sweep_outbox_task`` every SWEEP_INTERVAL; the Celery
+  app is built from ``create_app`` as Flask's Celery pattern shows (``celery_init_app``; ``celery_app.py``).
+- Without one (``make run``, development), the same happens in the app's own process: after the commit, in a
+  thread of its own, and the sweep in another (``EmbeddedRunner``).
+
+Either way the database is the truth: a hand-over that fails (the broker down, the process killed) loses nothing,
+as the sweep finds the message due."""
+
+import logging
+import os
+import threading
+import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-from flask import current_app
+from celery import Celery, Task, shared_task
+from celery.signals import worker_process_init
+from flask import Flask, current_app, has_app_context
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
 
 import mail
 import outbox
 from models import db, utcnow
+
+# How often the sweep runs (Celery beat, or the embedded runner's thread): the longest a message waits when its
+# hand-over at commit was lost, and the granularity of retries' backoff.
+SWEEP_INTERVAL = 60.0
+log = logging.getLogger(__name__)
 
 
 def send_message(message_id) -> str | None:
@@ -58,3 +82,154 @@ def sweep(send: Callable[[object], object] = send_message, limit: int = 100) -> 
             db.session.rollback()
             current_app.logger.exception("Outbox message %s could not be handed over", message_id)
     return len(due)
+
+
+@shared_task(name="outbox.send", ignore_result=True)
+def send_message_task(message_id: str) -> None:
+    """Celery: send one queued message (``send_message``: a second delivery of this task is harmless)."""
+    send_message(uuid.UUID(message_id))
+
+
+@shared_task(name="outbox.sweep", ignore_result=True)
+def sweep_outbox_task() -> None:
+    """Celery beat, every SWEEP_INTERVAL: hand every due message to the workers."""
+    sweep(send=lambda message_id: send_message_task.apply_async((str(message_id),), retry=False))
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """The Celery app of ``app``, as Flask's Celery pattern builds it: every task runs in an app context, with the
+    settings of ``app.config["CELERY"]`` (config.celery_settings)."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args, **kwargs):
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(app.name, task_cls=FlaskTask)
+    celery.config_from_object(app.config["CELERY"])
+    celery.conf.beat_schedule = {"sweep-outbox": {"task": "outbox.sweep", "schedule": SWEEP_INTERVAL}}
+    celery.set_default()
+    app.extensions["celery"] = celery
+    return celery
+
+
+@worker_process_init.connect
+def own_connections(**_kwargs) -> None:
+    """A prefork worker's child must not share its parent's database connections: it opens its own."""
+    from celery import current_app as celery
+
+    flask_app = getattr(celery, "flask_app", None)
+    if flask_app is not None:
+        with flask_app.app_context():
+            db.engine.dispose(close=False)
+
+
+class Runner:
+    """Hands the messages a commit queued to whoever sends them, from a thread of this process's own, so that the
+    request that queued them answers without waiting (started on first use in each process: a thread does not
+    survive a fork). Messages not handed over when the process dies are the sweep's."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+        self.lock = threading.Lock()
+        self.pid: int | None = None
+        self.thread: ThreadPoolExecutor | None = None
+
+    def hand_over(self, message_ids: list) -> None:
+        self.start().submit(self.run, self.send_all, message_ids)
+
+    def start(self) -> ThreadPoolExecutor:
+        if self.pid != os.getpid():
+            with self.lock:
+                if self.pid != os.getpid():
+                    self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finstack-jobs")
+                    self.started()
+                    self.pid = os.getpid()
+        return self.thread
+
+    def started(self) -> None:
+        """A new process's thread is ready (the embedded runner starts its sweep here)."""
+
+    def send_all(self, message_ids: list) -> None:
+        raise NotImplementedError
+
+    def run(self, job: Callable, *args, **kwargs) -> None:
+        with self.app.app_context():
+            try:
+                job(*args, **kwargs)
+            except Exception:  # the database or the broker away, say: the sweep tries again
+                db.session.rollback()
+                log.exception("Background job %s failed", getattr(job, "__name__", job))
+
+    def wait(self) -> None:
+        """Until everything handed over so far is done (tests; one thread, so a no-op job runs after all of it)."""
+        if self.pid == os.getpid():
+            self.thread.submit(lambda: None).result()
+
+
+class CeleryRunner(Runner):
+    """Production: each message goes to the Celery workers through the broker. A broker that cannot take it now
+    loses nothing: the message waits in the outbox for the sweep."""
+
+    def send_all(self, message_ids: list) -> None:
+        for message_id in message_ids:
+            try:
+                self.app.extensions["celery"].send_task("outbox.send", (str(message_id),), retry=False)
+            except Exception as error:
+                log.warning(
+                    "Outbox message %s not handed to the workers (%s): the sweep will send it",
+                    message_id,
+                    error,
+                    extra={"outbox_id": str(message_id)},
+                )
+
+
+class EmbeddedRunner(Runner):
+    """No broker (``make run``): this process sends the messages itself, one at a time in its thread, and another
+    thread sweeps every SWEEP_INTERVAL."""
+
+    def __init__(self, app: Flask, sweep_interval: float = SWEEP_INTERVAL):
+        super().__init__(app)
+        self.sweep_interval = sweep_interval
+
+    def send_all(self, message_ids: list) -> None:
+        for message_id in message_ids:
+            self.run(send_message, message_id)
+
+    def started(self) -> None:
+        threading.Thread(target=self.sweep_now_and_then, name="finstack-sweep", daemon=True).start()
+
+    def sweep_now_and_then(self) -> None:
+        while True:
+            self.run(sweep, send=lambda message_id: self.hand_over([message_id]))
+            time.sleep(self.sweep_interval)
+
+
+def init_jobs(app: Flask) -> None:
+    """Build the Celery app, and choose who sends what a commit queues: Celery's workers when a broker is set, this
+    process's own threads otherwise (``JOBS_AFTER_COMMIT`` false: nobody, and the tests deliver themselves)."""
+    celery = celery_init_app(app)
+    celery.flask_app = app
+    app.extensions["jobs"] = CeleryRunner(app) if app.config["CELERY"]["broker_url"] else EmbeddedRunner(app)
+
+
+def hand_over_after_commit(session: Session) -> None:
+    """A commit that queued messages hands them to the app's runner."""
+    queued = session.info.pop(outbox.QUEUED, None)
+    if queued and has_app_context() and current_app.config.get("JOBS_AFTER_COMMIT", True):
+        current_app.extensions["jobs"].hand_over(queued)
+
+
+def forget_rolled_back_messages(session: Session, previous: SessionTransaction) -> None:
+    """A rolled-back transaction queued nothing. (A savepoint's rollback keeps the ids: handing over a message that
+    does not exist is harmless, as no claim of it succeeds.)"""
+    if previous.parent is None and not previous.nested:
+        session.info.pop(outbox.QUEUED, None)
+
+
+for _event, _listener in (
+    ("after_commit", hand_over_after_commit),
+    ("after_soft_rollback", forget_rolled_back_messages),
+):
+    if not event.contains(Session, _event, _listener):  # every session: the app's, the CLI's, the tests'
+        event.listen(Session, _event, _listener)

@@ -22,6 +22,7 @@ BACKOFF_CAP = timedelta(hours=1)
 # After this many attempts a message is parked as failed, for an administrator to see and retry.
 MAX_ATTEMPTS = 8
 DUE = ("pending", "sending")
+QUEUED = "outbox_queued"  # session.info: ids of the messages this transaction queued, handed to senders at commit
 
 
 def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> OutboxMessage | None:
@@ -34,7 +35,10 @@ def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime)
         .on_conflict_do_nothing(index_elements=["event_key", "recipient"])
         .returning(OutboxMessage)
     )
-    return db.session.scalars(statement).first()
+    message = db.session.scalars(statement).first()
+    if message is not None:
+        db.session.info.setdefault(QUEUED, []).append(message.id)  # jobs.hand_over_after_commit
+    return message
 
 
 def claim(message_id, now: datetime) -> OutboxMessage | None:

@@ -79,6 +79,8 @@ APP_ENVIRONMENT = (
     "MAIL_DIR",
     "FIRM_NAME",
     "FRONTEND_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_QUEUE",
 )
 
 SCHEMA_CREATED = pytest.StashKey[bool]()

@@ -69,6 +69,7 @@ def settings(database_url: str, tmp_path, **overrides) -> dict:
         "PASSWORD_HASH_METHOD": FAST_HASH,
         "AUTO_MIGRATE": False,
         "ADMIN_PASSWORD": None,
+        "JOBS_AFTER_COMMIT": False,  # nothing sent behind the test's back: it delivers itself (Mailbox, jobs.sweep)
         **overrides,
     }
 
