@@ -41,6 +41,7 @@ from routes import (
     docs,
     export,
     health,
+    invitations,
     outbox,
     refuse_other_content_types,
     tasks,
@@ -109,7 +110,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         referrer_policy="no-referrer",
     )
 
-    for module in (auth, users, tasks, export, analytics, outbox, health, docs):
+    for module in (auth, users, tasks, export, analytics, outbox, invitations, health, docs):
         app.register_blueprint(module.bp)
     app.register_blueprint(docs.swagger_ui_blueprint())
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])

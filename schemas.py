@@ -11,6 +11,7 @@ from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
 from config import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
 from models import OUTBOX_STATES, TASK_EVENT_ACTIONS, TASK_STATUSES
+from tokens import MAX_TOKEN_LENGTH
 
 SORTABLE_FIELDS = ("date_created", "task_time", "entity_name", "task_type", "status", "updated_at")
 MAX_PER_PAGE = 100
@@ -183,10 +184,8 @@ def full_name_field(**kwargs) -> Trimmed:
     return Trimmed(validate=Length(min=1, max=120), **kwargs)
 
 
-class RegisterSchema(Schema):
-    # Usernames and emails are case-insensitive: stored and compared in lower case.
-    username = Lowercase(
-        required=True,
+def username_field(**kwargs) -> Lowercase:
+    return Lowercase(
         validate=[
             Length(min=3, max=80),
             Regexp(
@@ -195,7 +194,13 @@ class RegisterSchema(Schema):
             ),
         ],
         metadata={"example": "jdoe"},
+        **kwargs,
     )
+
+
+class RegisterSchema(Schema):
+    # Usernames and emails are case-insensitive: stored and compared in lower case.
+    username = username_field(required=True)
     email = email_field(required=True, metadata={"example": "jdoe@example.com"})
     password = password_field(metadata={"example": "a-long-passphrase"})
     full_name = full_name_field(required=True, metadata={"example": "Jane Doe"})
@@ -740,3 +745,85 @@ class OutboxListSchema(Schema):
 
 class OutboxMessageResponseSchema(Schema):
     message = fields.Nested(OutboxMessageSchema, required=True)
+
+
+INVITATION_STATES = ("pending", "accepted", "revoked", "expired")
+
+
+def one_time_token_field(**kwargs) -> Text:
+    return Text(required=True, load_only=True, validate=Length(min=1, max=MAX_TOKEN_LENGTH), **kwargs)
+
+
+class InvitationCreateSchema(Schema):
+    """What an administrator sends to invite someone with ``POST /api/invitations``."""
+
+    email = email_field(required=True, metadata={"example": "jdoe@example.com"})
+    is_admin = JSONBoolean(load_default=False, metadata={"description": "Make the account an administrator."})
+    full_name = full_name_field(
+        allow_none=True, load_default=None, metadata={"description": "Greets them in the email.", "example": "Jane Doe"}
+    )
+
+
+class InvitationSchema(Schema):
+    """An invitation as administrators see it; never its token."""
+
+    id = fields.UUID(dump_only=True, required=True)
+    email = fields.String(dump_only=True, required=True, metadata={"example": "jdoe@example.com"})
+    full_name = fields.String(dump_only=True, required=True, allow_none=True, metadata={"example": "Jane Doe"})
+    is_admin = fields.Boolean(dump_only=True, required=True)
+    invited_by = Person(
+        dump_only=True, required=True, allow_none=True, metadata={"description": "Null if the account is gone."}
+    )
+    created_at = Timestamp(dump_only=True, required=True)
+    expires_at = Timestamp(dump_only=True, required=True)
+    state = fields.String(dump_only=True, required=True, validate=OneOf(INVITATION_STATES))
+    accepted_at = Timestamp(dump_only=True, required=True, allow_none=True)
+    revoked_at = Timestamp(
+        dump_only=True,
+        required=True,
+        allow_none=True,
+        metadata={"description": "Revoked by an administrator, or replaced by a newer invitation to the address."},
+    )
+
+
+class InvitationQuerySchema(Schema):
+    state = Text(validate=OneOf(INVITATION_STATES), metadata={"description": "Only invitations in this state."})
+    limit = QueryInteger(
+        load_default=50, validate=Range(min=1, max=200), metadata={"description": "At most this many, newest first."}
+    )
+
+
+class InvitationResponseSchema(MessageSchema):
+    invitation = fields.Nested(InvitationSchema, required=True)
+
+
+class InvitationListSchema(Schema):
+    invitations = fields.List(fields.Nested(InvitationSchema), required=True)
+
+
+class AcceptInvitationSchema(Schema):
+    """What an invited person sends, with the token from their link, to create their account."""
+
+    token = one_time_token_field(metadata={"description": "From the invitation's link."})
+    username = username_field(required=True)
+    full_name = full_name_field(
+        metadata={"description": "Defaults to the name the administrator gave, if any.", "example": "Jane Doe"}
+    )
+    password = password_field(metadata={"example": "a-long-passphrase"})
+
+
+class VerifyEmailSchema(Schema):
+    token = one_time_token_field(metadata={"description": "From the verification link."})
+
+
+class ResendVerificationSchema(Schema):
+    email = email_field(required=True, metadata={"example": "jdoe@example.com"})
+
+
+class RegisteredSchema(UserUpdatedSchema):
+    """A registration's answer: the account and its first session's tokens, except with REGISTRATION=domain, where
+    the account waits for its address to be verified (POST /api/auth/verify-email) and there are no tokens yet."""
+
+    access_token = fields.String(metadata={"description": "Absent with REGISTRATION=domain."})
+    refresh_token = fields.String(metadata={"description": "Absent with REGISTRATION=domain."})
+

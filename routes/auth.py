@@ -1,4 +1,5 @@
-"""Accounts and sessions: register, log in, refresh, log out, change the password; the JWT wiring lives here too."""
+"""Accounts and sessions: register (and verify the address, where REGISTRATION=domain asks for it), log in, refresh,
+log out, change the password; the JWT wiring lives here too."""
 
 import secrets
 import threading
@@ -22,14 +23,16 @@ from flask_jwt_extended import (
     jwt_required,
 )
 from marshmallow import ValidationError
-from sqlalchemy import event, exists, or_, select
+from sqlalchemy import event, exists, func, null, or_, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 
+import outbox
+import tokens
 from config import ascii_domain, readable_domain
-from models import LoginSession, RevokedToken, User, db, insert, utcnow
+from models import LoginSession, OneTimeToken, RevokedToken, User, db, insert, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
 from routes.limits import (
@@ -43,8 +46,23 @@ from schemas import (
     PasswordChangeSchema,
     RefreshSchema,
     RegisterSchema,
+    ResendVerificationSchema,
     UserSchema,
+    VerifyEmailSchema,
     check_password_policy,
+)
+
+# An address's verification link (REGISTRATION=domain): how long it works, and how many an address is sent in an hour
+# at most (the registration's included), however often someone asks for another.
+VERIFICATION_LIFETIME = timedelta(hours=48)
+VERIFICATION_LIFETIME_TEXT = "valid for 48 hours"
+VERIFICATION_LINKS_PER_HOUR = 3
+INVALID_VERIFICATION = (
+    "This verification link is not valid: it was used or replaced by a newer one, or it expired. Ask for a new one."
+)
+RESEND_ANSWER = (
+    "If an account with this address is waiting for verification, a new link is on its way: it works for 48 hours, "
+    "and only the newest link works."
 )
 
 # Cached token owners live this long at most: how late an account change can reach another instance if Redis was
@@ -382,9 +400,16 @@ def presented_refresh_token() -> str:
 
 
 def refuse_if_closed() -> None:
-    """Refuse (403) every registration while REGISTRATION is closed, before the body is read."""
-    if current_app.config["REGISTRATION"] == "closed":
+    """Refuse (403) every registration while REGISTRATION is closed or by invitation, before the body is read."""
+    mode = current_app.config["REGISTRATION"]
+    if mode == "closed":
         raise APIError("Registration is closed: ask an administrator to create your account.", 403)
+    if mode == "invite":
+        raise APIError(
+            "Registration is by invitation only: ask an administrator to invite you, then follow the link in the "
+            "invitation's email.",
+            403,
+        )
 
 
 def refuse_outside_domains(email: str) -> None:
@@ -403,33 +428,135 @@ def refuse_outside_domains(email: str) -> None:
         )
 
 
+def email_link(page: str, raw_token: str) -> str:
+    """The web app's page that takes ``raw_token`` from the link and calls the API with it. FRONTEND_URL is unset
+    only where no email is sent (production demands it otherwise): the link is then relative, and goes nowhere."""
+    return f"{current_app.config['FRONTEND_URL'] or ''}/{page}?token={raw_token}"
+
+
+def send_verification(user: User, now: datetime) -> None:
+    """Email ``user`` a new link that verifies their address; any earlier one stops working."""
+    tokens.revoke("email_verification", now, user_id=user.id)
+    token, raw = tokens.issue(
+        "email_verification", user.email, lifetime=VERIFICATION_LIFETIME, now=now, user_id=user.id
+    )
+    payload = {
+        "full_name": user.full_name,
+        "link": email_link("verify-email", raw),
+        "expires_in": VERIFICATION_LIFETIME_TEXT,
+    }
+    outbox.add("email_verification", user.email, f"email-verification:{token.id}", payload, now)
+
+
 @bp.post("/register")
 def register():
     """Create an account and log it in, as far as REGISTRATION allows (see the 403).
+
+    With REGISTRATION=domain the account waits for its address to be verified: the answer has no tokens, a link goes
+    to the address, and POST /api/auth/verify-email with the link's token verifies it and signs in.
     ---
     security: []
     requestBody: {required: true, content: {application/json: {schema: RegisterSchema}}}
     responses:
-      201: {description: The account and a new session's tokens., content: {application/json: {schema: SessionSchema}}}
+      201:
+        description: The account and a new session's tokens; with REGISTRATION=domain the account only (no tokens),
+          its address to be verified.
+        content: {application/json: {schema: RegisteredSchema}}
       403:
-        description: Registration is closed (REGISTRATION=closed), or the email's domain is not one of
-          ALLOWED_EMAIL_DOMAINS (REGISTRATION=domain; details.email names the accepted domains).
+        description: Registration is closed (REGISTRATION=closed) or by invitation only (REGISTRATION=invite), or the
+          email's domain is not one of ALLOWED_EMAIL_DOMAINS (REGISTRATION=domain; details.email names the accepted
+          domains).
         content: {application/json: {schema: ErrorSchema}}
       409: {$ref: "#/components/responses/Conflict"}
     """
     refuse_if_closed()
     data = load_json(RegisterSchema())
     refuse_outside_domains(data["email"])
+    verify = current_app.config["REGISTRATION"] == "domain"
     user = create_user(**data)
+    if verify:
+        # NULL until the link is followed (login refuses it meanwhile); None would let the column's default fire.
+        user.email_verified_at = null()
     try:
         db.session.flush()
     except IntegrityError:
         # The unique constraints decide, so parallel registrations of one name give one 201 and 409s.
         db.session.rollback()
         raise duplicate_user(data["username"], data["email"]) from None
-    tokens = start_session(user)
+    if verify:
+        send_verification(user, utcnow())
+        db.session.commit()
+        message = (
+            f"Account created. To sign in, verify your address: follow the link we sent to {user.email} (it works for "
+            "48 hours)."
+        )
+        return {"message": message, "user": user_schema.dump(user)}, 201
+    session_tokens = start_session(user)
     db.session.commit()
-    return session_response("Registration successful.", user, tokens), 201
+    return session_response("Registration successful.", user, session_tokens), 201
+
+
+@bp.post("/verify-email")
+def verify_email():
+    """Verify an account's address with the token from its verification link, and sign in.
+
+    The token works once, for 48 hours, and only the newest link of an account works; any other token is a 400 (one
+    message for all).
+    ---
+    security: []
+    requestBody: {required: true, content: {application/json: {schema: VerifyEmailSchema}}}
+    responses:
+      200:
+        description: The account, verified, and a new session's tokens.
+        content: {application/json: {schema: SessionSchema}}
+      403: {$ref: "#/components/responses/Forbidden"}
+    """
+    data = load_json(VerifyEmailSchema())
+    now = utcnow()
+    token = tokens.consume("email_verification", data["token"], now)
+    user = token and db.session.get(User, token.user_id, with_for_update={"key_share": True})
+    if user is None or user.email != token.email:  # the account changed its address since: this link is not for it
+        raise APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
+    if not user.is_active:
+        raise APIError(ACCOUNT_GONE, 403)
+    if user.email_verified_at is None:
+        user.email_verified_at = now
+    session_tokens = start_session(user)
+    db.session.commit()
+    return session_response("Email address verified: welcome.", user, session_tokens)
+
+
+@bp.post("/resend-verification")
+def resend_verification():
+    """Ask for a new verification link for an address: the answer is the same 202 whether or not an account waits
+    for verification there, so it tells nobody which addresses have accounts.
+
+    The new link replaces the earlier ones. An address is sent at most 3 links an hour, its registration's included;
+    past that, asking again sends nothing (and still answers 202).
+    ---
+    security: []
+    requestBody: {required: true, content: {application/json: {schema: ResendVerificationSchema}}}
+    responses:
+      202: {description: Accepted., content: {application/json: {schema: MessageSchema}}}
+    """
+    data = load_json(ResendVerificationSchema())
+    now = utcnow()
+    # Locked, so that requests at once for one address take turns: each counts the links the one before sent.
+    user = db.session.scalar(select(User).where(User.email == data["email"]).with_for_update())
+    if user is not None and user.email_verified_at is None and user.is_active:
+        sent_lately = db.session.scalar(
+            select(func.count())
+            .select_from(OneTimeToken)
+            .where(
+                OneTimeToken.purpose == "email_verification",
+                OneTimeToken.user_id == user.id,
+                OneTimeToken.created_at > now - timedelta(hours=1),
+            )
+        )
+        if sent_lately < VERIFICATION_LINKS_PER_HOUR:
+            send_verification(user, now)
+    db.session.commit()
+    return {"message": RESEND_ANSWER}, 202
 
 
 @bp.post("/login")
@@ -441,6 +568,10 @@ def login():
     responses:
       200: {description: The user and a new session's tokens., content: {application/json: {schema: SessionSchema}}}
       401: {$ref: "#/components/responses/Unauthorized"}
+      403:
+        description: The password is right, but the account's address is not verified yet (it registered with
+          REGISTRATION=domain); details.email is the address and details.email_verified is false.
+        content: {application/json: {schema: ErrorSchema}}
     """
     data = load_json(LoginSchema())
     spend_password_attempt(data["username"])
@@ -448,11 +579,18 @@ def login():
     if user is None:
         raise APIError("Invalid username or password.", 401)
     forgive_password_attempts(data["username"])
+    if user.email_verified_at is None:
+        raise APIError(
+            f"Verify your email address before signing in: follow the link we sent to {user.email}, or ask for a new "
+            "one.",
+            403,
+            {"email": user.email, "email_verified": False},
+        )
     if user.password_needs_rehash():
         user.set_password(data["password"])  # made with older, weaker parameters: upgrade it now we know it
-    tokens = start_session(user)
+    session_tokens = start_session(user)
     db.session.commit()
-    return session_response("Login successful.", user, tokens)
+    return session_response("Login successful.", user, session_tokens)
 
 
 @bp.post("/refresh")

@@ -41,6 +41,10 @@ TAGS = [
         "name": "outbox",
         "description": "Administrators: the email waiting to go out, what failed, and sending it again.",
     },
+    {
+        "name": "invitations",
+        "description": "Administrators invite people by email; the person invited accepts and has an account.",
+    },
     {"name": "health", "description": "Liveness and readiness for load balancers, and metrics for Prometheus."},
     {"name": "docs", "description": "This document."},
 ]

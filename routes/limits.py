@@ -332,6 +332,9 @@ def init_limiter(app: Flask) -> Limiter:
         "auth.register": config["RATELIMIT_REGISTER"],
         "auth.refresh": config["RATELIMIT_REFRESH"],
         "auth.change_password": config["RATELIMIT_LOGIN"],
+        "auth.verify_email": config["RATELIMIT_REGISTER"],
+        "auth.resend_verification": config["RATELIMIT_REGISTER"],
+        "invitations.accept_invitation": config["RATELIMIT_REGISTER"],
     }
     for endpoint, limit in strict.items():  # Flask answers OPTIONS itself: preflights never reach these
         app.view_functions[endpoint] = limiter.limit(limit, key_func=address_key)(app.view_functions[endpoint])

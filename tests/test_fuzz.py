@@ -91,7 +91,8 @@ def is_invalid(case) -> bool:
 @pytest.mark.app_config(RATELIMIT_ENABLED=False)  # a 429 would hide the answer under test
 @pytest.mark.own_database  # thousands of commits
 def test_every_operation_keeps_the_contract(case, app, make_task, admin, user, other_user):
-    caller = admin if case.path.startswith("/api/users") else user  # administration, and a colleague's work
+    administration = case.path.startswith(("/api/users", "/api/invitations"))
+    caller = admin if administration else user  # administration, and a colleague's work
     headers = {"Authorization": f"Bearer {token_for(app, caller['id'])}"}  # a fresh session: logout may end it
     invalid = is_invalid(case)
     if not invalid:

@@ -1,15 +1,16 @@
-"""Who may join: REGISTRATION open, domain (ALLOWED_EMAIL_DOMAINS) or closed, administrators creating accounts in
-every mode, and production's defaults, served for real."""
+"""Who may join: REGISTRATION open, domain (ALLOWED_EMAIL_DOMAINS, with the address verified), invite or closed,
+administrators creating and inviting accounts in every mode, and production's defaults, served for real."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 import sqlalchemy as sa
 
-from config import DEFAULT_PASSWORD_HASH_METHOD, parse_domains
+from config import DEFAULT_PASSWORD_HASH_METHOD, normalise_database_url, parse_domains
 from helpers import GUNICORN, PRODUCTION, ROOT, assert_error, call
-from models import User, db
+from models import OutboxMessage, User, db
 
 ACCOUNT = {"username": "erin", "email": "erin@example.com", "password": "erin-passphrase", "full_name": "Erin Ek"}
 DOMAINS = {"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": ("example.com", "corp.example.org")}
@@ -32,6 +33,24 @@ def test_closed_registration_is_a_403_that_says_whom_to_ask(client, app):
     assert body == {"error": "Registration is closed: ask an administrator to create your account.", "details": {}}
     assert_error(client.post("/api/auth/register", json={"username": ""}), 403)  # closed, whatever the body
     assert usernames(app) == []
+
+
+@pytest.mark.app_config(REGISTRATION="invite")
+def test_invite_only_registration_is_a_403_that_says_to_ask_for_an_invitation(client, app):
+    body = assert_error(client.post("/api/auth/register", json=ACCOUNT), 403)
+
+    assert body == {
+        "error": "Registration is by invitation only: ask an administrator to invite you, then follow the link in the "
+        "invitation's email.",
+        "details": {},
+    }
+    assert_error(client.post("/api/auth/register", json={"username": ""}), 403)  # whatever the body
+    assert usernames(app) == []
+
+
+@pytest.mark.app_config(REGISTRATION="invite")
+def test_an_admin_creates_accounts_while_registration_is_by_invitation(client, admin_headers):
+    assert client.post("/api/users", json=ACCOUNT, headers=admin_headers).status_code == 201
 
 
 @pytest.mark.app_config(REGISTRATION="closed")
@@ -109,6 +128,7 @@ PRODUCTION_APP = {
     "METRICS_TOKEN": PRODUCTION["METRICS_TOKEN"],
     "PASSWORD_HASH_METHOD": DEFAULT_PASSWORD_HASH_METHOD,
     "REGISTRATION": "open",
+    "MAIL_BACKEND": "disabled",
 }
 
 
@@ -154,7 +174,8 @@ def production(environment, redis_prefix) -> dict:
     )
 
 
-def test_production_closes_registration_and_admins_create_accounts(servers, production):
+def test_production_registers_by_invitation_and_admins_create_accounts(servers, production):
+    production |= {"FRONTEND_URL": "https://tasks.example.com", "MAIL_BACKEND": "disabled"}
     upgrade = subprocess.run(
         [sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=production, capture_output=True, timeout=60
     )
@@ -162,7 +183,11 @@ def test_production_closes_registration_and_admins_create_accounts(servers, prod
     server = servers.start(GUNICORN, production)
 
     status, body = call("POST", f"{server.url}/api/auth/register", ACCOUNT)
-    assert (status, body["error"]) == (403, "Registration is closed: ask an administrator to create your account.")
+    assert (status, body["error"]) == (
+        403,
+        "Registration is by invitation only: ask an administrator to invite you, then follow the link in the "
+        "invitation's email.",
+    )
 
     admin = call("POST", f"{server.url}/api/auth/login", {"username": "ops", "password": "ops-passphrase-1"})[1]
     status, created = call("POST", f"{server.url}/api/users", ACCOUNT, admin["access_token"])
@@ -170,12 +195,29 @@ def test_production_closes_registration_and_admins_create_accounts(servers, prod
     status, session = call("POST", f"{server.url}/api/auth/login", {"username": "erin", "password": "erin-passphrase"})
     assert (status, session["user"]["id"]) == (200, created["user"]["id"])
 
+    status, _invited = call(
+        "POST", f"{server.url}/api/invitations", {"email": "finn@example.com"}, admin["access_token"]
+    )
+    assert status == 201
+    engine = sa.create_engine(normalise_database_url(production["DATABASE_URL"]))
+    with engine.connect() as connection:  # the link as it went into the outbox, for the email
+        (payload,) = connection.execute(sa.select(OutboxMessage.payload)).scalars()
+    engine.dispose()
+    token = re.fullmatch(r"https://tasks\.example\.com/accept-invitation\?token=(\S+)", payload["link"]).group(1)
+    finn = {"token": token, "username": "finn", "full_name": "Finn Fo", "password": "finn-passphrase"}
+    status, accepted = call("POST", f"{server.url}/api/auth/accept-invitation", finn)
+    assert (status, accepted["user"]["email"], set(accepted)) == (
+        201, "finn@example.com", {"message", "user", "access_token", "refresh_token"},
+    )  # fmt: skip
+
 
 def test_production_opens_registration_to_the_listed_domains(servers, production):
     domain = {"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": "Example.com", "AUTO_MIGRATE": "true"}
+    domain |= {"FRONTEND_URL": "https://tasks.example.com", "MAIL_BACKEND": "disabled"}
     server = servers.start(GUNICORN, production | domain)
     outsider = ACCOUNT | {"username": "eve", "email": "e@evil.test"}
 
-    assert call("POST", f"{server.url}/api/auth/register", ACCOUNT)[0] == 201
+    status, registered = call("POST", f"{server.url}/api/auth/register", ACCOUNT)
+    assert (status, set(registered)) == (201, {"message", "user"})  # no tokens until the address is verified
     status, body = call("POST", f"{server.url}/api/auth/register", outsider)
     assert (status, body["details"]) == (403, {"email": ["Use an address at @example.com."]})

@@ -1,0 +1,264 @@
+"""Email verification (REGISTRATION=domain): the account waits unverified, login refuses it, the emailed link verifies
+it and signs in, once, within 48 hours; asking for a new link reveals nothing and is limited; open registration is
+as it was. On both databases."""
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from helpers import assert_error
+from models import OneTimeToken, OutboxMessage, User, db
+from routes import auth
+
+DOMAIN = {"REGISTRATION": "domain", "ALLOWED_EMAIL_DOMAINS": ("example.com",)}
+ERIN = {"username": "erin", "email": "erin@example.com", "password": "erin-passphrase", "full_name": "Erin Ek"}
+LOGIN = {"username": "erin", "password": "erin-passphrase"}
+SESSION_FIELDS = {"message", "user", "access_token", "refresh_token"}
+domain_mode = pytest.mark.app_config(**DOMAIN)
+
+
+def token_in(message) -> str:
+    """The token of the verification link in ``message``'s plain text, checked to be the same link as in its HTML."""
+    text = message.get_body(("plain",)).get_content()
+    link = re.search(r"http://localhost:4200/verify-email\?token=([A-Za-z0-9_-]+)", text)
+    assert link is not None, text
+    assert f'href="{link.group(0)}"' in message.get_body(("html",)).get_content()
+    return link.group(1)
+
+
+def register(client, **overrides):
+    return client.post("/api/auth/register", json=ERIN | overrides)
+
+
+def registered_token(client, mailbox) -> str:
+    assert register(client).status_code == 201
+    (message,) = mailbox.deliver()
+    return token_in(message)
+
+
+def verify(client, token: str):
+    return client.post("/api/auth/verify-email", json={"token": token})
+
+
+def resend(client, email: str = "erin@example.com"):
+    return client.post("/api/auth/resend-verification", json={"email": email})
+
+
+def clock(monkeypatch, now: datetime) -> None:
+    monkeypatch.setattr(auth, "utcnow", lambda: now)
+
+
+def links_sent(app) -> int:
+    with app.app_context():
+        query = sa.select(sa.func.count()).where(OutboxMessage.kind == "email_verification")
+        return db.session.scalar(query)
+
+
+@domain_mode
+def test_domain_registration_waits_for_the_address_and_emails_a_link(client, app, mailbox):
+    response = register(client)
+
+    assert response.status_code == 201
+    body = response.get_json()
+    assert set(body) == {"message", "user"}  # no tokens until the address is verified
+    assert body["message"] == (
+        "Account created. To sign in, verify your address: follow the link we sent to erin@example.com (it works for "
+        "48 hours)."
+    )
+    assert body["user"]["email"] == "erin@example.com"
+    with app.app_context():
+        assert db.session.get(User, uuid.UUID(body["user"]["id"])).email_verified_at is None
+    (message,) = mailbox.deliver()
+    assert (message["To"], message["Subject"]) == ("erin@example.com", "Verify your email address for FinStack")
+    for part in (message.get_body(("plain",)).get_content(), message.get_body(("html",)).get_content()):
+        assert "Hello Erin Ek," in part and "valid for 48 hours" in " ".join(part.split())
+    assert token_in(message) not in str(body)
+
+
+@domain_mode
+def test_login_refuses_an_unverified_account_only_with_the_right_password(client, mailbox):
+    register(client)
+
+    refused = assert_error(client.post("/api/auth/login", json=LOGIN), 403)
+    wrong = assert_error(client.post("/api/auth/login", json=LOGIN | {"password": "not-the-passphrase"}), 401)
+
+    assert refused == {
+        "error": "Verify your email address before signing in: follow the link we sent to erin@example.com, or ask "
+        "for a new one.",
+        "details": {"email": "erin@example.com", "email_verified": False},
+    }
+    assert wrong["error"] == "Invalid username or password."
+
+
+@domain_mode
+def test_the_link_verifies_the_address_and_signs_in(client, app, mailbox):
+    token = registered_token(client, mailbox)
+
+    response = verify(client, token)
+
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert set(body) == SESSION_FIELDS
+    assert body["message"] == "Email address verified: welcome."
+    me = client.get("/api/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert me.get_json()["user"]["username"] == "erin"
+    assert client.post("/api/auth/login", json=LOGIN).status_code == 200
+    with app.app_context():
+        assert db.session.get(User, uuid.UUID(body["user"]["id"])).email_verified_at is not None
+
+
+@domain_mode
+def test_a_verification_link_works_once(client, mailbox):
+    token = registered_token(client, mailbox)
+    assert verify(client, token).status_code == 200
+
+    again = assert_error(verify(client, token), 400)
+
+    assert again == {"error": auth.INVALID_VERIFICATION, "details": {"token": ["Not a valid verification token."]}}
+
+
+@domain_mode
+def test_a_verification_link_expires_after_48_hours(client, app, mailbox, monkeypatch):
+    token = registered_token(client, mailbox)
+    with app.app_context():
+        expires_at = db.session.scalar(sa.select(OneTimeToken.expires_at))
+
+    clock(monkeypatch, expires_at)
+    assert assert_error(verify(client, token), 400)["error"] == auth.INVALID_VERIFICATION
+    clock(monkeypatch, expires_at - timedelta(seconds=1))
+    assert verify(client, token).status_code == 200
+    with app.app_context():
+        created_at = db.session.scalar(sa.select(OneTimeToken.created_at))
+    assert expires_at - created_at == timedelta(hours=48)
+
+
+@pytest.mark.parametrize("token", ["no-such-token", "x" * 128])
+def test_an_unknown_token_is_a_400_with_the_same_message(client, token):
+    body = assert_error(verify(client, token), 400)
+
+    assert body["error"] == auth.INVALID_VERIFICATION
+
+
+@pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": "x" * 129}, {"token": 7}, {"token": "t", "more": 1}])
+def test_a_malformed_verification_is_a_400(client, body):
+    assert_error(client.post("/api/auth/verify-email", json=body), 400)
+
+
+@domain_mode
+def test_a_link_to_an_address_the_account_no_longer_has_does_not_verify_it(client, app, mailbox):
+    token = registered_token(client, mailbox)
+    with app.app_context():
+        db.session.execute(sa.update(User).values(email="erin@corp.example.com"))
+        db.session.commit()
+
+    assert assert_error(verify(client, token), 400)["error"] == auth.INVALID_VERIFICATION
+
+
+@domain_mode
+def test_a_deactivated_account_cannot_sign_in_with_its_link(client, app, mailbox):
+    token = registered_token(client, mailbox)
+    with app.app_context():
+        db.session.execute(sa.update(User).values(is_active=False))
+        db.session.commit()
+
+    assert_error(verify(client, token), 403)
+
+
+@domain_mode
+def test_asking_for_a_new_link_answers_the_same_whoever_asks(client, app, mailbox, user):
+    register(client)
+    mailbox.deliver()
+
+    answers = [resend(client, email) for email in ("erin@example.com", "nobody@example.com", user["email"])]
+
+    assert {response.status_code for response in answers} == {202}
+    assert len({response.get_data() for response in answers}) == 1
+    assert answers[0].get_json() == {"message": auth.RESEND_ANSWER}
+    (message,) = mailbox.deliver()  # only the account that waits for verification gets one
+    assert message["To"] == "erin@example.com"
+
+
+@domain_mode
+def test_a_new_link_replaces_the_earlier_one(client, mailbox):
+    first = registered_token(client, mailbox)
+    resend(client, "ERIN@Example.com")
+    (message,) = mailbox.deliver()
+
+    assert_error(verify(client, first), 400)
+    assert verify(client, token_in(message)).status_code == 200
+    assert resend(client).status_code == 202  # verified now: nothing more is sent
+    assert mailbox.deliver() == []
+
+
+@domain_mode
+def test_an_address_gets_3_links_an_hour_at_most(client, app, mailbox, monkeypatch):
+    start = datetime.now(UTC) - timedelta(hours=2)  # in the past, so that every email is due now
+    clock(monkeypatch, start)
+    register(client)
+    for minutes in (1, 2, 3, 59):
+        clock(monkeypatch, start + timedelta(minutes=minutes))
+        assert resend(client).status_code == 202
+    assert links_sent(app) == 3  # the registration's and two more
+
+    clock(monkeypatch, start + timedelta(minutes=61))  # the registration's is over an hour old
+    resend(client)
+
+    assert links_sent(app) == 4
+    messages = mailbox.deliver()
+    assert len(messages) == 4
+    clock(monkeypatch, start + timedelta(minutes=62))
+    assert verify(client, token_in(messages[-1])).status_code == 200
+    assert [verify(client, token_in(message)).status_code for message in messages[:-1]] == [400, 400, 400]
+
+
+@domain_mode
+def test_a_deactivated_account_is_sent_no_link(client, app, mailbox):
+    register(client)
+    mailbox.deliver()
+    with app.app_context():
+        db.session.execute(sa.update(User).values(is_active=False))
+        db.session.commit()
+
+    assert resend(client).status_code == 202
+    assert mailbox.deliver() == []
+
+
+@pytest.mark.parametrize("body", [{}, {"email": "not-an-address"}, {"email": None}, {"email": "a@example.com", "x": 1}])
+def test_a_malformed_request_for_a_link_is_a_400(client, body):
+    assert_error(client.post("/api/auth/resend-verification", json=body), 400)
+
+
+@pytest.mark.app_config(RATELIMIT_REGISTER="2 per minute")
+def test_links_are_limited_per_client_like_registration(client):
+    assert [resend(client, f"n{n}@example.com").status_code for n in range(3)] == [202, 202, 429]
+    assert [verify(client, f"guess-{n}").status_code for n in range(3)] == [400, 400, 429]
+
+
+def test_open_registration_signs_in_at_once_and_sends_nothing(client, app, mailbox):
+    response = register(client)
+
+    assert response.status_code == 201
+    assert set(response.get_json()) == SESSION_FIELDS
+    assert response.get_json()["message"] == "Registration successful."
+    assert client.post("/api/auth/login", json=LOGIN).status_code == 200
+    assert mailbox.deliver() == []
+    with app.app_context():
+        assert db.session.scalar(sa.select(User.email_verified_at)) is not None
+
+
+@domain_mode
+def test_accounts_an_administrator_creates_in_domain_mode_are_verified(client, admin_headers, mailbox):
+    assert client.post("/api/users", json=ERIN | {"email": "erin@gmail.com"}, headers=admin_headers).status_code == 201
+
+    assert client.post("/api/auth/login", json=LOGIN).status_code == 200
+    assert mailbox.deliver() == []
+
+
+@domain_mode
+def test_a_duplicate_domain_registration_sends_nothing(client, user, app):
+    assert_error(register(client, username=user["username"]), 409, "username")
+
+    assert links_sent(app) == 0
