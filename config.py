@@ -560,6 +560,10 @@ class Config:
         )
         self.RATELIMIT_REGISTER = parse_limits("RATELIMIT_REGISTER", env("RATELIMIT_REGISTER", "10 per minute"))
         self.RATELIMIT_REFRESH = parse_limits("RATELIMIT_REFRESH", env("RATELIMIT_REFRESH", "10 per minute"))
+        # Emails with a link that anyone may have sent to one address (password resets, address changes' confirmations).
+        self.RATELIMIT_ACCOUNT_EMAIL = parse_limits(
+            "RATELIMIT_ACCOUNT_EMAIL", env("RATELIMIT_ACCOUNT_EMAIL", "3 per hour; 10 per day")
+        )
         self.RATELIMIT_KEY_PREFIX = env("RATELIMIT_KEY_PREFIX", "finstack")
         self.LOG_LEVEL = env("LOG_LEVEL", "INFO").upper()
         if self.LOG_LEVEL not in LOG_LEVELS:
@@ -575,12 +579,12 @@ class Config:
         self.PORT = parse_port("PORT", env("PORT"), default=5000)
 
     def configure_mail(self, env, production: bool) -> None:
-        """MAIL_* and FIRM_NAME, for mail.py. Nothing sends email yet: the account flows of issue 15 will, and with
-        them production will demand SMTP settings (or MAIL_BACKEND=disabled). Values given are checked now."""
+        """MAIL_*, FIRM_NAME and FRONTEND_URL, for mail.py. Values given are checked now; production demands what
+        sending needs (check_production_settings)."""
         self.MAIL_BACKEND = env("MAIL_BACKEND", "smtp" if production else "file").strip().lower()
         if self.MAIL_BACKEND not in MAIL_BACKENDS:
             raise ConfigError(f"MAIL_BACKEND must be {', '.join(MAIL_BACKENDS)}, not {self.MAIL_BACKEND!r}.")
-        self.MAIL_SERVER = env("MAIL_SERVER", "localhost")
+        self.MAIL_SERVER = env("MAIL_SERVER", None if production else "localhost")
         self.MAIL_SECURITY = env("MAIL_SECURITY", "starttls").strip().lower()
         if self.MAIL_SECURITY not in MAIL_SECURITY_PORTS:
             raise ConfigError(
@@ -673,10 +677,35 @@ def check_production_settings(config: Mapping) -> None:
             f"METRICS_TOKEN must be set in production while METRICS_ENABLED is on, at least {MIN_SECRET_BYTES} "
             "bytes, so that only your Prometheus reads /metrics (or set METRICS_ENABLED=false)."
         )
+    check_production_mail(config)
     if config["RATELIMIT_ENABLED"] and not config.get("RATELIMIT_STORAGE_URI"):
         raise ConfigError(
             "RATELIMIT_STORAGE_URI must be set in production, to Redis (redis://host:6379), so that every worker "
             "and instance shares one count; memory:// counts per worker process."
+        )
+
+
+def check_production_mail(config: Mapping) -> None:
+    """Production sends email over SMTP, from Celery workers, with links to the web app; or it says it sends none."""
+    if config["MAIL_BACKEND"] == "disabled":
+        return
+    if config["MAIL_BACKEND"] != "smtp":
+        raise ConfigError(
+            f"MAIL_BACKEND={config['MAIL_BACKEND']} writes email to files: in production set MAIL_BACKEND=smtp (the "
+            "default) with MAIL_SERVER, or MAIL_BACKEND=disabled to send none."
+        )
+    needed = {
+        "CELERY_BROKER_URL": "the Redis that carries jobs to the Celery workers, such as redis://host:6379/1",
+        "MAIL_SERVER": "your SMTP server's host name",
+        "MAIL_FROM": "the sender's address, such as tasks@example.com",
+        "FRONTEND_URL": "the web app's address, where the links in emails lead",
+    }
+    missing = [name for name in needed if not config.get(name)]
+    if missing:
+        raise ConfigError(
+            "Production sends email (password resets, invitations) and needs "
+            + "; ".join(f"{name}: {needed[name]}" for name in missing)
+            + ". Or set MAIL_BACKEND=disabled to send none."
         )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery, Task, shared_task
-from celery.signals import worker_process_init
+from celery.signals import beat_init, worker_process_init
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
@@ -111,6 +111,12 @@ def celery_init_app(app: Flask) -> Celery:
     celery.set_default()
     app.extensions["celery"] = celery
     return celery
+
+
+@beat_init.connect
+def sweep_as_beat_starts(sender, **_kwargs) -> None:
+    """Beat's first sweep as it starts, not a minute later: after a deploy or an outage, whatever is due goes now."""
+    sender.app.send_task("outbox.sweep")
 
 
 @worker_process_init.connect

