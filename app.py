@@ -36,6 +36,7 @@ from jobs import init_jobs
 from models import db
 from routes import (
     JSONProvider,
+    accounts,
     analytics,
     auth,
     docs,
@@ -110,7 +111,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         referrer_policy="no-referrer",
     )
 
-    for module in (auth, users, tasks, export, analytics, outbox, invitations, health, docs):
+    for module in (auth, accounts, users, tasks, export, analytics, outbox, invitations, health, docs):
         app.register_blueprint(module.bp)
     app.register_blueprint(docs.swagger_ui_blueprint())
     talisman(content_security_policy=docs.DOCS_CSP)(app.view_functions["swagger_ui.show"])

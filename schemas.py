@@ -242,7 +242,12 @@ class ProfileSchema(Schema):
     """What people change about themselves with ``PATCH /api/users/me``."""
 
     full_name = full_name_field(metadata={"example": "Jane Doe"})
-    email = email_field(metadata={"example": "jdoe@example.com"})
+    email = email_field(
+        metadata={
+            "description": "Accepted unchanged only: a new address goes through POST /api/auth/me/email.",
+            "example": "jdoe@example.com",
+        }
+    )
     phone = Phone(metadata={"example": "+44 20 7946 0958"})
 
 
@@ -827,3 +832,27 @@ class RegisteredSchema(UserUpdatedSchema):
     access_token = fields.String(metadata={"description": "Absent with REGISTRATION=domain."})
     refresh_token = fields.String(metadata={"description": "Absent with REGISTRATION=domain."})
 
+
+class ForgotPasswordSchema(Schema):
+    email = email_field(required=True, metadata={"example": "jdoe@example.com"})
+
+
+class ResetPasswordSchema(Schema):
+    token = one_time_token_field(metadata={"description": "From the password reset link."})
+    password = password_field(metadata={"example": "a-new-long-passphrase"})
+
+
+class EmailChangeSchema(Schema):
+    """A new address for one's account, with the current password: a link to the new address confirms it."""
+
+    email = email_field(required=True, metadata={"example": "admin@example.org"})
+    password = Text(
+        required=True,
+        load_only=True,
+        validate=Length(min=1, max=128),
+        metadata={"description": "The current password.", "example": "admin123"},
+    )
+
+
+class EmailChangeConfirmSchema(Schema):
+    token = one_time_token_field(metadata={"description": "From the confirmation link sent to the new address."})

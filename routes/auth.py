@@ -653,6 +653,8 @@ def logout():
 @jwt_required()
 def change_password():
     """Change one's password; every other session of the account is logged out.
+
+    Password reset links sent earlier stop working.
     ---
     requestBody: {required: true, content: {application/json: {schema: PasswordChangeSchema}}}
     responses:
@@ -671,6 +673,7 @@ def change_password():
     forget_known_addresses(user.username)  # those the old password signed in from; this one is known again below
     forgive_password_attempts(user.username)
     user.set_password(data["new_password"])
+    tokens.revoke("password_reset", utcnow(), user_id=user.id)  # a link asked for earlier must not undo this
     ended = end_sessions(LoginSession.user_id == user.id, LoginSession.id != session_id(get_jwt()))
     db.session.commit()
     return {"message": f"Password changed. {ended} other session(s) logged out.", "sessions_ended": ended}

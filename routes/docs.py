@@ -34,6 +34,10 @@ REFRESH_BEARER = "refreshToken"
 METRICS_BEARER = "metricsToken"
 TAGS = [
     {"name": "auth", "description": "Log in, keep a session going with refresh tokens, log out."},
+    {
+        "name": "accounts",
+        "description": "Account changes confirmed by email: a forgotten password's reset, a new email address.",
+    },
     {"name": "users", "description": "Profiles, the assignment list, and administration of accounts."},
     {"name": "tasks", "description": "Calls, meetings and follow-ups logged against client entities."},
     {"name": "analytics", "description": "The dashboard's figures."},

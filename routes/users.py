@@ -79,25 +79,28 @@ def get_me():
 
 @bp.patch("/me")
 def update_me():
-    """Change one's own full name, email or phone (``null`` or "" clears the phone).
+    """Change one's own full name or phone (``null`` or "" clears the phone).
+
+    ``email`` is accepted as it is now (a form may send every field back), but a new address is a 400: it is changed
+    with ``POST /api/auth/me/email``, which asks for the password and confirms the address by a link sent to it.
     ---
     requestBody: {required: true, content: {application/json: {schema: ProfileSchema}}}
     responses:
       200: {description: The profile as changed., content: {application/json: {schema: UserUpdatedSchema}}}
-      409: {$ref: "#/components/responses/Conflict"}
     """
     data = load_json(ProfileSchema())
     if not data:
-        raise APIError("Nothing to update: send full_name, email or phone.")
+        raise APIError("Nothing to update: send full_name or phone.")
+    if data.pop("email", current_user.email) != current_user.email:
+        raise APIError(
+            "To change your email address, use POST /api/auth/me/email with your current password: a link sent to "
+            "the new address confirms it.",
+            400,
+            {"email": ["Changed only with POST /api/auth/me/email."]},
+        )
     for field, value in data.items():
         setattr(current_user, field, value)
-    try:
-        db.session.commit()
-    except IntegrityError:
-        db.session.rollback()  # the unique constraint decides, so two people claiming one address get one 409
-        raise APIError(
-            "This email is already registered.", 409, {"email": ["This email is already registered."]}
-        ) from None
+    db.session.commit()
     return {"message": "Profile updated.", "user": user_schema.dump(current_user)}
 
 

@@ -15,7 +15,10 @@ from routes.docs import NOT_DESCRIBED, openapi_path
 
 METHODS = {"get", "put", "post", "patch", "delete"}
 PUBLIC = {("post", "/api/auth/login"), ("post", "/api/auth/register"), ("get", "/api/health"),
-          ("get", "/api/health/ready"), ("get", "/api/openapi.json")}  # fmt: skip
+          ("get", "/api/health/ready"), ("get", "/api/openapi.json"),
+          # a link's token is the credential (routes/accounts.py)
+          ("post", "/api/auth/forgot-password"), ("post", "/api/auth/reset-password"),
+          ("post", "/api/auth/confirm-email-change")}  # fmt: skip
 # An invitation's and a verification's links carry their own token; asking for a new link needs none.
 PUBLIC |= {("post", "/api/auth/accept-invitation"), ("post", "/api/auth/verify-email"),
            ("post", "/api/auth/resend-verification")}  # fmt: skip

@@ -25,7 +25,7 @@ def check_readme(output: str) -> None:
 
 def check_api(output: str) -> None:
     assert '"database":"ok"' in flat(output)
-    assert "FinStack Tasks API 3.0.3 29 paths" in output
+    assert "FinStack Tasks API 3.0.3 33 paths" in output
     assert '"status":"ready"' in flat(output)
     assert 'flask_http_request_duration_seconds_count{endpoint="auth.login",method="POST",status="200"} 2.0' in output
     assert output.count('"message":"Registration successful."') == 1
