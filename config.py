@@ -318,7 +318,7 @@ def celery_settings(broker_url: str | None, queue: str) -> dict:
     """Celery's settings (jobs.celery_init_app). A task is acknowledged once it has run, one at a time per worker
     process, so a worker that dies mid-send leaves its task to be delivered again; the outbox's claim makes a
     second delivery harmless, and the sweep covers a task the broker lost. No results are kept: the outbox row is
-    the result. The workers log through the app's own logging (JSON in production)."""
+    the result. The workers log through the app's own logging (jobs.app_logging_only)."""
     return {
         "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
@@ -337,7 +337,6 @@ def celery_settings(broker_url: str | None, queue: str) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_hijack_root_logger": False,
         "timezone": "UTC",
     }
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery, Task, shared_task
-from celery.signals import beat_init, worker_process_init
+from celery.signals import beat_init, setup_logging, worker_process_init
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
@@ -111,6 +111,12 @@ def celery_init_app(app: Flask) -> Celery:
     celery.set_default()
     app.extensions["celery"] = celery
     return celery
+
+
+@setup_logging.connect
+def app_logging_only(**_kwargs) -> None:
+    """Celery leaves logging as create_app set it (LOG_LEVEL, LOG_FORMAT: JSON in production) rather than put its
+    own handler and level on the root logger: a receiver of this signal is Celery's documented way to say so."""
 
 
 @beat_init.connect

@@ -106,6 +106,7 @@ def test_everything_but_login_register_health_and_docs_needs_a_token(app, client
               "/api/docs/"}  # fmt: skip
     public_files = {"/api/docs/<path:path>"}  # the docs page's scripts and styles
     public |= {"/api/auth/accept-invitation", "/api/auth/verify-email", "/api/auth/resend-verification"}  # by email
+    public |= {"/api/auth/forgot-password", "/api/auth/reset-password", "/api/auth/confirm-email-change"}
     public |= {"/metrics"}  # for Prometheus, which holds no user token: METRICS_TOKEN guards it (test_metrics.py)
     rules = list(app.url_map.iter_rules())
 

@@ -99,7 +99,7 @@ def test_metrics_can_be_switched_off(client):
 
 
 def test_production_refuses_open_metrics():
-    config = Config({"APP_ENV": "production"})
+    config = Config({"APP_ENV": "production", "MAIL_BACKEND": "disabled"})
     with pytest.raises(ConfigError, match="METRICS_TOKEN must be set in production"):
         check_production_settings(vars(config) | {"RATELIMIT_STORAGE_URI": "redis://x"})
     with pytest.raises(ConfigError, match="at least 32 bytes"):

@@ -45,11 +45,12 @@ STATISTICS_TARGET = 1_500  # ANALYZE samples 300 x 1,500 = 450,000 rows: more th
 FRAGMENT = "kestr"  # in one entity stem of 50: about 2% of the tasks, as the issue's partial match
 
 SEED_USERS = """
-INSERT INTO app_users (id, username, email, password_hash, full_name, is_active, created_at, is_admin)
+INSERT INTO app_users (id, username, email, password_hash, full_name, is_active, created_at, is_admin,
+                       email_verified_at)
 SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'staff' || lpad(n::text, 2, '0'),
        'staff' || lpad(n::text, 2, '0') || '@example.com', :password_hash,
        (ARRAY['Ada', 'Ben', 'Cleo', 'Dev', 'Eva', 'Finn', 'Gia'])[1 + n % 7] || ' Staff ' || n, n <> :users,
-       timestamptz '2021-01-01 00:00:00+00', n = 1
+       timestamptz '2021-01-01 00:00:00+00', n = 1, timestamptz '2021-01-01 00:00:00+00'
 FROM generate_series(1, :users) AS n
 """
 # Nearly four years of tasks, one every 10 minutes up to today's midnight (the dashboard's weeks, due dates and
