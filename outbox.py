@@ -8,7 +8,7 @@ clock. Models: ``models.OutboxMessage``."""
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from models import OutboxMessage, db, insert
 
@@ -143,3 +143,39 @@ def retry(message_id, now: datetime) -> OutboxMessage | None:
         .execution_options(populate_existing=True)
     )
     return db.session.scalars(statement).first()
+
+
+# How far back the delivery times in ``figures`` look: messages sent in the last LATENCY_WINDOW (at most the
+# LATENCY_SAMPLE latest), queued no longer than LATENCY_HORIZON before (so the index on state and created_at bounds it).
+LATENCY_WINDOW = timedelta(minutes=5)
+LATENCY_HORIZON = timedelta(hours=6)
+LATENCY_SAMPLE = 10_000
+
+
+def figures(now: datetime, connection: Connection) -> dict:
+    """What /metrics reports about the outbox, read from the table (so it covers every worker on every machine):
+    messages by state ("retrying": pending after a failed attempt), the age of the oldest one still to send, and
+    the seconds from queueing to sending of those sent lately (sorted). On a connection of its own, not the session."""
+    unsent = (*DUE, "failed")
+    by_state = select(OutboxMessage.state, db.func.count()).where(OutboxMessage.state.in_(unsent))
+    counts = dict.fromkeys(unsent, 0) | dict(connection.execute(by_state.group_by(OutboxMessage.state)).all())
+    counts["retrying"] = connection.scalar(
+        select(db.func.count()).where(OutboxMessage.state == "pending", OutboxMessage.attempts > 0)
+    )
+    oldest = connection.scalar(select(db.func.min(OutboxMessage.created_at)).where(OutboxMessage.state.in_(DUE)))
+    recent = (
+        select(OutboxMessage.created_at, OutboxMessage.sent_at)
+        .where(
+            OutboxMessage.state == "sent",
+            OutboxMessage.created_at >= now - LATENCY_HORIZON,
+            OutboxMessage.sent_at >= now - LATENCY_WINDOW,
+        )
+        .order_by(OutboxMessage.created_at.desc())
+        .limit(LATENCY_SAMPLE)
+    )
+    delays = sorted((sent - created).total_seconds() for created, sent in connection.execute(recent))
+    return {
+        "messages": counts,
+        "oldest_unsent_age": (now - oldest).total_seconds() if oldest is not None else 0.0,
+        "delivery_seconds": delays,
+    }

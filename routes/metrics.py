@@ -1,18 +1,22 @@
 """Prometheus metrics at ``/metrics`` (prometheus-flask-exporter): requests counted and timed by endpoint, method
-and status, and the database pool's connections in use. Under gunicorn every worker writes its figures to files
-in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it up), so any worker answers for all of them.
+and status, the database pool's connections in use, and the outbox (read from the database at each scrape). Under
+gunicorn every worker writes its figures to files in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py sets it up), so any
+worker answers for all of them.
 
 METRICS_ENABLED=false removes the route; METRICS_TOKEN, when set, must come as ``Authorization: Bearer <token>``
 (production refuses to start with metrics on and no token)."""
 
 import hmac
+import math
 
 from flask import Blueprint, Flask, Request, current_app, request
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_flask_exporter import PrometheusMetrics
 from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
 
-from models import db
+import outbox
+from models import db, utcnow
 from routes.errors import APIError
 
 bp = Blueprint("metrics", __name__)
@@ -35,6 +39,7 @@ def init_metrics(app: Flask) -> None:
     app.extensions["metrics"] = exporter
     app.before_request(skip_unknown_methods)
     watch_pool(app, registry)
+    app.extensions["outbox_gauges"] = outbox_gauges(registry)
     app.register_blueprint(bp)
 
 
@@ -76,6 +81,56 @@ def watch_pool(app: Flask, registry: CollectorRegistry) -> None:
             in_use.dec()
 
 
+DELIVERY_QUANTILES = {"0.5": 0.5, "0.95": 0.95, "1": 1.0}
+OUTBOX_GAUGE_STATES = ("pending", "sending", "failed", "retrying")
+
+
+def outbox_gauges(registry: CollectorRegistry) -> dict[str, Gauge]:
+    """The outbox's gauges, set from the database as each scrape begins (``mostrecent``: under gunicorn, the worker
+    that answered last has the latest figures)."""
+    return {
+        "messages": Gauge(
+            "finstack_outbox_messages",
+            "Outbox messages not sent yet, by state (retrying: pending again after a failed attempt).",
+            ["state"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        "oldest_unsent_age": Gauge(
+            "finstack_outbox_oldest_unsent_age_seconds",
+            "Age of the oldest message still to send (0 when none is).",
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+        "delivery_seconds": Gauge(
+            "finstack_outbox_delivery_seconds",
+            "Seconds from queueing to sending, over the messages sent in the last 5 minutes (NaN when none was).",
+            ["quantile"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        ),
+    }
+
+
+def report_outbox(gauges: dict[str, Gauge]) -> None:
+    """Set the outbox's gauges from the database; NaN while it cannot be read (down, or not migrated yet), so that a
+    scrape still reports the requests, and no stale figure passes for a current one."""
+    try:
+        with db.engine.connect() as connection:  # back in the pool before the pool's gauges are read
+            figures = outbox.figures(utcnow(), connection)
+    except SQLAlchemyError as error:
+        current_app.logger.warning("Outbox figures unavailable for /metrics: %s", error.__class__.__name__)
+        figures = {"messages": dict.fromkeys(OUTBOX_GAUGE_STATES, math.nan), "oldest_unsent_age": math.nan}
+        figures["delivery_seconds"] = []
+    for state, count in figures["messages"].items():
+        gauges["messages"].labels(state).set(count)
+    gauges["oldest_unsent_age"].set(figures["oldest_unsent_age"])
+    delays = figures["delivery_seconds"]
+    for label, fraction in DELIVERY_QUANTILES.items():
+        value = delays[min(len(delays) - 1, int(fraction * len(delays)))] if delays else math.nan
+        gauges["delivery_seconds"].labels(label).set(value)
+
+
 @bp.get("/metrics")
 def metrics():
     """Prometheus metrics in the text exposition format.
@@ -94,5 +149,6 @@ def metrics():
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
             raise APIError("Metrics need 'Authorization: Bearer <METRICS_TOKEN>'.", 401)
+    report_outbox(current_app.extensions["outbox_gauges"])
     body, content_type = current_app.extensions["metrics"].generate_metrics(request.headers.get("Accept"))
     return body, 200, {"Content-Type": content_type, "Cache-Control": "no-store"}

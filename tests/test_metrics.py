@@ -1,16 +1,19 @@
+import math
 import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+import outbox
 from app import create_app
 from config import Config, ConfigError, check_production_settings
 from helpers import assert_error, call, gunicorn, settings
-from models import db
+from models import db, utcnow
 
 
 def samples(text_format: str) -> dict[tuple, float]:
@@ -140,3 +143,63 @@ def test_every_gunicorn_worker_counts_in_one_page(servers, environment):
         page = samples(response.read().decode())
 
     assert request_count(page, "health.ready", "200") == len(answered) == 12 * rounds
+
+
+def test_the_outbox_is_reported_from_the_database_at_each_scrape(fresh_database_url, tmp_path):
+    """Depth by state, the oldest unsent message's age, and delivery times: what the table holds when Prometheus asks
+    (read on a connection of the scrape's own: a database of the test's own, with real commits), whichever worker on
+    whichever machine sent (or did not send) the messages."""
+    app = create_app(settings(fresh_database_url, tmp_path))
+    with app.app_context():
+        db.create_all()
+    client = app.test_client()
+    now = utcnow()
+    page = scrape(client)
+    assert [page[("finstack_outbox_messages", (("state", state),))] for state in ("pending", "sending", "failed")] == [
+        0, 0, 0,
+    ]  # fmt: skip
+    assert page[("finstack_outbox_oldest_unsent_age_seconds", ())] == 0
+    assert math.isnan(page[("finstack_outbox_delivery_seconds", (("quantile", "0.5"),))])
+
+    def queued(key: str, minutes_ago: float):
+        return outbox.add(
+            "password_reset", f"{key}@example.com", key, {"link": "x"}, now - timedelta(minutes=minutes_ago)
+        )
+
+    with app.app_context():
+        queued("waiting", 10)
+        for key, delay in [("quick", 2), ("usual", 4), ("slow", 40)]:  # seconds from queueing to sending
+            outbox.mark_sent(queued(key, 1), now - timedelta(minutes=1) + timedelta(seconds=delay))
+        outbox.mark_sent(queued("long-ago", 60 * 24), now - timedelta(hours=23))  # not sent in the last 5 minutes
+        sending, retrying, failed = (queued(key, 3) for key in ("sending", "retrying", "failed"))
+        db.session.commit()
+        assert outbox.claim(sending.id, now) and outbox.claim(retrying.id, now) and outbox.claim(failed.id, now)
+        outbox.mark_failed(retrying, "451 try again later", now)
+        outbox.mark_failed(failed, "550 no such mailbox", now, permanent=True)
+        db.session.commit()
+
+    page = scrape(client)
+    by_state = {
+        state: page[("finstack_outbox_messages", (("state", state),))]
+        for state in ("pending", "sending", "failed", "retrying")
+    }
+    assert by_state == {"pending": 2, "sending": 1, "failed": 1, "retrying": 1}
+    assert 600 <= page[("finstack_outbox_oldest_unsent_age_seconds", ())] < 660
+    delivery = {
+        quantile: page[("finstack_outbox_delivery_seconds", (("quantile", quantile),))]
+        for quantile in ("0.5", "0.95", "1")
+    }
+    assert delivery == {"0.5": 4, "0.95": 40, "1": 40}
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_a_database_that_cannot_be_read_leaves_the_outbox_figures_unknown(fresh_database_url, tmp_path, caplog):
+    app = create_app(settings(fresh_database_url, tmp_path))  # not migrated: no outbox table
+    page = scrape(app.test_client())  # still a 200: the requests' figures are worth having
+
+    assert math.isnan(page[("finstack_outbox_messages", (("state", "pending"),))])
+    assert math.isnan(page[("finstack_outbox_oldest_unsent_age_seconds", ())])
+    assert "Outbox figures unavailable for /metrics" in caplog.text
+    with app.app_context():
+        db.engine.dispose()
