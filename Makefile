@@ -7,7 +7,7 @@ TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 PYTEST_ARGS ?=
 OPENAPI_SERVER ?= http://127.0.0.1:5000
 
-.PHONY: help install browser run lint format test test-sqlite test-postgres check fuzz openapi db-upgrade db-check bench soak clean
+.PHONY: help install browser run lint format test test-sqlite test-postgres check fuzz openapi db-upgrade db-check bench bench-outbox soak clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ INSTALL_WRK = command -v wrk >/dev/null || { $(call APT_INSTALL,wrk); }
 bench: $(VENV)/.bench-installed  ## Benchmark beside a minimal app, targets as ratios (~12 min): bench/results.md, bench/profile.md (BENCH_ARGS=--quick)
 	@$(INSTALL_WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-outbox: $(VENV)/.bench-installed  ## The outbox on PostgreSQL, Redis, 2 Celery workers and an SMTP sink (~3 min): bench/outbox.md (OUTBOX_ARGS=--messages 1000)
+	$(BIN)/python bench/outbox.py $(OUTBOX_ARGS)
 
 soak: $(VENV)/.bench-installed  ## Mixed traffic for 3 min: memory per worker flat, no errors (~4 min): bench/soak.md (SOAK_ARGS=--quick)
 	@$(INSTALL_WRK)
