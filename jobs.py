@@ -14,7 +14,6 @@ as the sweep finds the message due."""
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +145,7 @@ class Runner:
         self.lock = threading.Lock()
         self.pid: int | None = None
         self.thread: ThreadPoolExecutor | None = None
+        self.stopping = threading.Event()
 
     def hand_over(self, message_ids: list) -> None:
         self.start().submit(self.run, self.send_all, message_ids)
@@ -155,6 +155,7 @@ class Runner:
             with self.lock:
                 if self.pid != os.getpid():
                     self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finstack-jobs")
+                    self.stopping = threading.Event()
                     self.started()
                     self.pid = os.getpid()
         return self.thread
@@ -172,6 +173,14 @@ class Runner:
             except Exception:  # the database or the broker away, say: the sweep tries again
                 db.session.rollback()
                 log.exception("Background job %s failed", getattr(job, "__name__", job))
+
+    def stop(self) -> None:
+        """End this process's threads once what was handed over is done (tests: a thread left running would use the
+        next test's database; a process that exits simply drops them)."""
+        if self.pid == os.getpid():
+            self.stopping.set()
+            self.thread.shutdown(wait=True)
+            self.pid = None
 
     def wait(self) -> None:
         """Until everything handed over so far is done (tests; one thread, so a no-op job runs after all of it)."""
@@ -209,12 +218,21 @@ class EmbeddedRunner(Runner):
             self.run(send_message, message_id)
 
     def started(self) -> None:
+        """A sweep now (what an earlier run left), then one every SWEEP_INTERVAL, each in the jobs' thread: one
+        thread does all of this process's sending."""
+        self.thread.submit(self.run, self.sweep)
         threading.Thread(target=self.sweep_now_and_then, name="finstack-sweep", daemon=True).start()
 
+    def sweep(self) -> None:
+        sweep(send=lambda message_id: self.hand_over([message_id]))
+
     def sweep_now_and_then(self) -> None:
-        while True:
-            self.run(sweep, send=lambda message_id: self.hand_over([message_id]))
-            time.sleep(self.sweep_interval)
+        stopping, thread = self.stopping, self.thread
+        while not stopping.wait(self.sweep_interval):
+            try:
+                thread.submit(self.run, self.sweep)
+            except RuntimeError:  # stopped meanwhile
+                return
 
 
 def init_jobs(app: Flask) -> None:

@@ -236,6 +236,7 @@ def app(request, tmp_path):
             sa.event.listen(db.engine, "connect", without_fsync)
             db.engine.dispose()  # any connection opened so far goes: each one from now on is set so
         yield app
+        app.extensions["jobs"].stop()
         with app.app_context():
             db.engine.dispose()
         return
@@ -258,6 +259,7 @@ def app(request, tmp_path):
     try:
         yield app
     finally:
+        app.extensions["jobs"].stop()  # its threads gone before the connection they share with the test goes
         db.session = app_session  # sessions of the test's app contexts were removed as each one ended
         transaction.rollback()
         connection.close()
@@ -278,6 +280,7 @@ def app_with_own_postgres_database(tmp_path, overrides: dict) -> Iterator[Flask]
         try:
             yield app
         finally:
+            app.extensions["jobs"].stop()
             with app.app_context():
                 db.engine.dispose()
 
