@@ -56,10 +56,14 @@ def issue(
     return row, raw
 
 
-def _live(purpose: str, now: datetime):
-    """The conditions of a token still good for ``purpose`` at ``now``."""
+# The links sent to an account's owner: a new password or a confirmed address ends them all.
+ACCOUNT_LINKS = ("password_reset", "email_change", "email_verification")
+
+
+def _live(purpose: str | tuple[str, ...], now: datetime):
+    """The conditions of a token still good for ``purpose`` (or any of several) at ``now``."""
     return (
-        OneTimeToken.purpose == purpose,
+        OneTimeToken.purpose.in_((purpose,) if isinstance(purpose, str) else purpose),
         OneTimeToken.used_at.is_(None),
         OneTimeToken.revoked_at.is_(None),
         OneTimeToken.expires_at > now,
@@ -101,15 +105,16 @@ def find(purpose: str, raw: str, now: datetime) -> OneTimeToken | None:
 
 
 def revoke(
-    purpose: str,
+    purpose: str | tuple[str, ...],
     now: datetime,
     *,
     user_id: uuid.UUID | None = None,
     email: str | None = None,
     keep_id: uuid.UUID | None = None,
 ) -> int:
-    """Revoke the outstanding tokens for ``purpose`` of an account (``user_id``) or an address (``email``, exactly as
-    stored), except ``keep_id``: how many. Used and expired tokens are left as they are."""
+    """Revoke the outstanding tokens for ``purpose`` (or any of several, such as ACCOUNT_LINKS) of an account
+    (``user_id``) or an address (``email``, exactly as stored), except ``keep_id``: how many. Used and expired
+    tokens are left as they are."""
     if user_id is None and email is None:
         raise ValueError("revoke needs a user_id or an email")
     conditions = list(_live(purpose, now))

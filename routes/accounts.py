@@ -148,7 +148,7 @@ def reset_password():
     user.set_password(data["password"])
     if user.email_verified_at is None:
         user.email_verified_at = now  # the link reached the address: that is what verifying it proves
-    tokens.revoke("password_reset", now, user_id=user.id)
+    tokens.revoke(tokens.ACCOUNT_LINKS, now, user_id=user.id)  # a pending email change must not outlive this
     ended = end_sessions(LoginSession.user_id == user.id)
     forget_known_addresses(user.username)  # the addresses the old password signed in from
     forgive_password_attempts(user.username)  # the owner, locked out here perhaps, can sign in at once
@@ -268,8 +268,7 @@ def confirm_email_change():
     except IntegrityError:
         db.session.rollback()  # the unique constraint decides, so two accounts confirming one address get one 409
         raise APIError(EMAIL_TAKEN, 409, {"email": [EMAIL_TAKEN]}) from None
-    for purpose in ("email_change", "password_reset", "email_verification"):  # links sent to the old address
-        tokens.revoke(purpose, now, user_id=user.id)
+    tokens.revoke(tokens.ACCOUNT_LINKS, now, user_id=user.id)  # links sent to the old address
     payload = {"full_name": user.full_name, "new_email": user.email}
     outbox.add("email_changed", old_email, f"email-changed:{token.id}", payload, now)
     db.session.commit()

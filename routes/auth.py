@@ -519,8 +519,9 @@ def verify_email():
         raise APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
     if not user.is_active:
         raise APIError(ACCOUNT_GONE, 403)
-    if user.email_verified_at is None:
-        user.email_verified_at = now
+    if user.email_verified_at is not None:  # verified since (a reset link, say): this link no longer signs anyone in
+        raise APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
+    user.email_verified_at = now
     session_tokens = start_session(user)
     db.session.commit()
     return session_response("Email address verified: welcome.", user, session_tokens)
@@ -673,7 +674,7 @@ def change_password():
     forget_known_addresses(user.username)  # those the old password signed in from; this one is known again below
     forgive_password_attempts(user.username)
     user.set_password(data["new_password"])
-    tokens.revoke("password_reset", utcnow(), user_id=user.id)  # a link asked for earlier must not undo this
+    tokens.revoke(tokens.ACCOUNT_LINKS, utcnow(), user_id=user.id)  # links asked for earlier must not undo this
     ended = end_sessions(LoginSession.user_id == user.id, LoginSession.id != session_id(get_jwt()))
     db.session.commit()
     return {"message": f"Password changed. {ended} other session(s) logged out.", "sessions_ended": ended}

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 import tokens
 from config import parse_domains
 from helpers import PASSWORD, POSTGRES_URL, assert_error, tokens_for
-from models import OneTimeToken, OutboxMessage, User, db
+from models import OneTimeToken, OutboxMessage, User, db, utcnow
 
 NEW_PASSWORD = "a-new-long-passphrase"
 NOW = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
@@ -211,6 +211,36 @@ def test_a_reset_verifies_an_unverified_address(app, client, make_user, mailbox)
 
     with app.app_context():
         assert db.session.get(User, uuid.UUID(waiting["id"])).email_verified_at is not None
+
+
+@pytest.mark.parametrize("how", ["reset", "change"])
+def test_a_new_password_ends_a_pending_email_change(client, user, auth_headers, mailbox, how):
+    """Someone who got hold of the session and asked to move the account to their address loses that link when the
+    owner sets a new password, by reset or by change: or they could confirm it and then reset to their own inbox."""
+    stolen = confirmation_link(client, auth_headers, mailbox, "intruder@example.org")
+    if how == "reset":
+        assert reset(client, reset_link(client, mailbox)).status_code == 200
+    else:
+        body = {"current_password": PASSWORD, "new_password": NEW_PASSWORD}
+        assert client.put("/api/auth/password", json=body, headers=auth_headers).status_code == 200
+
+    assert_error(confirm(client, stolen), 400, "token")
+    assert login(client).get_json()["user"]["email"] == "alice@example.com"
+
+
+def test_a_reset_ends_the_verification_link_which_signs_nobody_in(app, client, make_user, mailbox):
+    waiting = make_user("dana", email_verified_at=None)
+    with app.app_context():
+        _, raw = tokens.issue(
+            "email_verification", "dana@example.com", lifetime=timedelta(hours=48), now=utcnow(),
+            user_id=uuid.UUID(waiting["id"]),
+        )  # fmt: skip
+        db.session.commit()
+
+    assert reset(client, reset_link(client, mailbox, "dana@example.com")).status_code == 200
+    refused = client.post("/api/auth/verify-email", json={"token": raw})
+
+    assert list(assert_error(refused, 400)["details"]) == ["token"]  # and no tokens of a session
 
 
 def test_a_deactivated_account_cannot_use_a_link_it_was_sent(app, client, user, mailbox):
