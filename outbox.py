@@ -64,8 +64,9 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
 
 def mark_sent(message: OutboxMessage, now: datetime) -> None:
     """It went out: sent, whoever holds the message now (if this sender's lease ran out and another claimed it, that
-    one's later failure must not make it go out a third time)."""
-    finish(message, OutboxMessage.state != "sent", state="sent", sent_at=now, last_error=None)
+    one's later failure must not make it go out a third time). Its payload goes: it may hold a single-use link, which
+    the database keeps only as a hash (tokens.py)."""
+    finish(message, OutboxMessage.state != "sent", state="sent", sent_at=now, last_error=None, payload={})
 
 
 def mark_failed(

@@ -474,6 +474,15 @@ def test_the_profile_keeps_its_address_and_sends_a_new_one_to_the_email_change(c
     assert client.get("/api/auth/me", headers=auth_headers).get_json()["user"]["email"] == "alice@example.com"
 
 
+def test_a_sent_email_leaves_no_usable_link_in_the_database(app, client, user, mailbox):
+    raw = reset_link(client, mailbox)  # delivered: the link went out
+
+    with app.app_context():
+        payloads = db.session.scalars(select(OutboxMessage.payload)).all()
+    assert payloads == [{}] and raw not in str(payloads)
+    assert reset(client, raw).status_code == 200  # the link itself works, from the email only
+
+
 # tokens.py
 
 
