@@ -39,9 +39,14 @@ def send_message(message_id) -> str | None:
     failed, waiting for its next attempt, or being sent by another sender). The claim commits before the sending
     starts, so that no one else sends it meanwhile, and the mark commits after it ends."""
     message = outbox.claim(message_id, utcnow())
-    db.session.commit()
     if message is None:
+        db.session.commit()
         return None
+    # Kept out of the session, the message keeps the claim as it was made (its lease above all) through the commit
+    # and any rollback below: reloaded, it could show another sender's claim, made after this one's lease ran out,
+    # and the mark would then end that one.
+    db.session.expunge(message)
+    db.session.commit()
     log = {"extra": {"outbox_id": str(message.id), "kind": message.kind}}
     try:
         if current_app.config["MAIL_BACKEND"] == "disabled":
@@ -52,35 +57,55 @@ def send_message(message_id) -> str | None:
             mail.deliver(mail.compose(message.kind, message.recipient, message.payload, str(message.id)))
     except mail.PermanentMailError as error:
         db.session.rollback()
-        outbox.mark_failed(message, str(error), utcnow(), permanent=True)
+        marked = outbox.mark_failed(message, str(error), utcnow(), permanent=True)
         current_app.logger.error("Outbox message %s refused for good: %s", message.id, error, **log)
     except Exception as error:  # a transient failure, or a bug: tried again after the backoff, then parked
         db.session.rollback()  # whatever failed may have left the transaction unusable (PostgreSQL)
-        outbox.mark_failed(message, f"{type(error).__name__}: {error}", utcnow())
+        marked = outbox.mark_failed(message, f"{type(error).__name__}: {error}", utcnow())
         current_app.logger.warning(
             "Outbox message %s not sent (attempt %d): %s", message.id, message.attempts, error, **log
         )
     else:
-        outbox.mark_sent(message, utcnow())
+        marked = outbox.mark_sent(message, utcnow())
         current_app.logger.info("Outbox message %s sent", message.id, **log)
+    state = marked.state
     db.session.commit()
-    return message.state
+    return state
 
 
-def sweep(send: Callable[[object], object] = send_message, limit: int = 100) -> int:
-    """Park the messages whose senders kept dying, then hand each message due now to ``send`` (``send_message``
-    itself, or a function queuing it for a worker): how many were handed. Two sweeps at once, or a message also
-    queued by its commit, are harmless: only one claim of it succeeds. One failing hand-over stops no other."""
+def sweep(send: Callable[[object], object] = send_message, batch_size: int = 100) -> int:
+    """Park the messages whose senders kept dying, then hand each message due now that no sender holds to ``send``
+    (``send_message`` itself, or a function queuing it for a worker), ``batch_size`` at a time until none is left: how
+    many were handed. A message is noted as handed over in the transaction that selects it (``outbox.handed_over``),
+    so that two sweeps at once split the work and the next sweep leaves it to its sender; one that could not be
+    handed over is the next sweep's again. A message also queued by its commit is harmless: only one claim of it
+    succeeds."""
     outbox.park_abandoned(utcnow())
-    due = outbox.due(utcnow(), limit)
-    db.session.commit()  # releases the rows the selection locked
-    for message_id in due:
-        try:
-            send(message_id)
-        except Exception:
-            db.session.rollback()
-            current_app.logger.exception("Outbox message %s could not be handed over", message_id)
-    return len(due)
+    db.session.commit()
+    handed = 0
+    while True:
+        now = utcnow()
+        batch = outbox.due(now, batch_size)
+        outbox.handed_over(batch, now)
+        db.session.commit()  # releases the rows the selection locked
+        kept = [message_id for message_id in batch if not hand_to(send, message_id)]
+        handed += len(batch) - len(kept)
+        if kept:  # the broker away, say: the rest waits for the next sweep
+            outbox.handed_over(kept, None)
+            db.session.commit()
+        if kept or len(batch) < batch_size:
+            return handed
+
+
+def hand_to(send: Callable[[object], object], message_id) -> bool:
+    """``send(message_id)``: whether it took the message (an error is logged, and leaves the message due)."""
+    try:
+        send(message_id)
+    except Exception:
+        db.session.rollback()
+        current_app.logger.exception("Outbox message %s could not be handed over", message_id)
+        return False
+    return True
 
 
 @shared_task(name="outbox.send", ignore_result=True)
@@ -145,7 +170,7 @@ class Runner:
         self.lock = threading.Lock()
         self.pid: int | None = None
         self.thread: ThreadPoolExecutor | None = None
-        self.stopping = threading.Event()
+        self.stopping: threading.Event | None = None
 
     def hand_over(self, message_ids: list) -> None:
         self.start().submit(self.run, self.send_all, message_ids)
@@ -193,16 +218,22 @@ class CeleryRunner(Runner):
     loses nothing: the message waits in the outbox for the sweep."""
 
     def send_all(self, message_ids: list) -> None:
-        for message_id in message_ids:
-            try:
-                self.app.extensions["celery"].send_task("outbox.send", (str(message_id),), retry=False)
-            except Exception as error:
-                log.warning(
-                    "Outbox message %s not handed to the workers (%s): the sweep will send it",
-                    message_id,
-                    error,
-                    extra={"outbox_id": str(message_id)},
-                )
+        sent = [message_id for message_id in message_ids if self.publish(message_id)]
+        outbox.handed_over(sent, utcnow())  # the sweep leaves them to the workers
+        db.session.commit()
+
+    def publish(self, message_id) -> bool:
+        try:
+            self.app.extensions["celery"].send_task("outbox.send", (str(message_id),), retry=False)
+        except Exception as error:
+            log.warning(
+                "Outbox message %s not handed to the workers (%s): the sweep will send it",
+                message_id,
+                error,
+                extra={"outbox_id": str(message_id)},
+            )
+            return False
+        return True
 
 
 class EmbeddedRunner(Runner):
@@ -221,12 +252,12 @@ class EmbeddedRunner(Runner):
         """A sweep now (what an earlier run left), then one every SWEEP_INTERVAL, each in the jobs' thread: one
         thread does all of this process's sending."""
         self.thread.submit(self.run, self.sweep)
-        threading.Thread(target=self.sweep_now_and_then, name="finstack-sweep", daemon=True).start()
+        threading.Thread(target=self.sweep_every_interval, name="finstack-sweep", daemon=True).start()
 
     def sweep(self) -> None:
         sweep(send=lambda message_id: self.hand_over([message_id]))
 
-    def sweep_now_and_then(self) -> None:
+    def sweep_every_interval(self) -> None:
         stopping, thread = self.stopping, self.thread
         while not stopping.wait(self.sweep_interval):
             try:

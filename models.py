@@ -776,7 +776,8 @@ class OutboxMessage(db.Model):
     next_attempt_at: Mapped[datetime] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column()
-    sent_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column(index=True)  # /metrics: the delivery times of the last minutes
+    handed_over_at: Mapped[datetime | None] = mapped_column()  # last handed to a sender (the broker): outbox.due
 
     __table_args__ = (
         CheckConstraint(f"state IN {OUTBOX_STATES}", name="state"),

@@ -8,7 +8,7 @@ clock. Models: ``models.OutboxMessage``."""
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, or_, select, update
 
 from models import OutboxMessage, db, insert
 
@@ -22,6 +22,10 @@ BACKOFF_CAP = timedelta(hours=1)
 # After this many attempts a message is parked as failed, for an administrator to see and retry.
 MAX_ATTEMPTS = 8
 DUE = ("pending", "sending")
+# A message handed to a sender (the broker, usually) is handed over again only after this long without being claimed:
+# long enough that the sweep does not queue a second copy of a backlog the workers are still working through, short
+# enough that a message the broker lost (Redis restarted without its data) goes out soon after.
+HAND_OVER_AGAIN_AFTER = timedelta(minutes=15)
 QUEUED = "outbox_queued"  # session.info: ids of the messages this transaction queued, handed to senders at commit
 
 
@@ -62,16 +66,16 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
     return db.session.scalars(statement).first()
 
 
-def mark_sent(message: OutboxMessage, now: datetime) -> None:
+def mark_sent(message: OutboxMessage, now: datetime) -> OutboxMessage:
     """It went out: sent, whoever holds the message now (if this sender's lease ran out and another claimed it, that
     one's later failure must not make it go out a third time). Its payload goes: it may hold a single-use link, which
     the database keeps only as a hash (tokens.py)."""
-    finish(message, OutboxMessage.state != "sent", state="sent", sent_at=now, last_error=None, payload={})
+    return finish(message, OutboxMessage.state != "sent", state="sent", sent_at=now, last_error=None, payload={})
 
 
 def mark_failed(
     message: OutboxMessage, error: str, now: datetime, permanent: bool = False, rng: random.Random = random
-) -> None:
+) -> OutboxMessage:
     """A failed attempt: tried again after its backoff, or parked as failed (a permanent error, such as an address the
     server refuses, or the last attempt). Only while this sender's claim holds: after its lease ran out, the message
     is another sender's to mark (its lease's end tells the claims apart, even after an administrator's retry)."""
@@ -80,13 +84,14 @@ def mark_failed(
         values = {"state": "failed", "last_error": error}
     else:
         values = {"state": "pending", "last_error": error, "next_attempt_at": now + backoff(message.attempts, rng)}
-    finish(
+    return finish(
         message, OutboxMessage.state == "sending", OutboxMessage.next_attempt_at == message.next_attempt_at, **values
     )
 
 
-def finish(message: OutboxMessage, *conditions, **values) -> None:
-    """Set ``values`` on the message where ``conditions`` hold, in one UPDATE (``message`` reloaded)."""
+def finish(message: OutboxMessage, *conditions, **values) -> OutboxMessage:
+    """Set ``values`` on the message where ``conditions`` hold, in one UPDATE: the message as it is now (``message``
+    itself, reloaded, unless it was kept out of the session)."""
     statement = (
         update(OutboxMessage)
         .where(OutboxMessage.id == message.id, *conditions)
@@ -94,8 +99,8 @@ def finish(message: OutboxMessage, *conditions, **values) -> None:
         .returning(OutboxMessage)
         .execution_options(populate_existing=True)
     )
-    if db.session.scalars(statement).first() is None:
-        db.session.refresh(message)
+    finished = db.session.scalars(statement).first()
+    return finished if finished is not None else db.session.get(OutboxMessage, message.id, populate_existing=True)
 
 
 def backoff(attempts: int, rng: random.Random = random) -> timedelta:
@@ -121,17 +126,39 @@ def park_abandoned(now: datetime) -> int:
 
 
 def due(now: datetime, limit: int = 100) -> list:
-    """Ids of messages due now, oldest first, for the sweep to hand to senders. On PostgreSQL rows another sweep has
-    locked are skipped (two sweeps at once split the work); handing a message out twice is harmless, as only one
-    claim of it succeeds."""
+    """Ids of messages due now that no sender is holding, oldest first, for the sweep to hand to senders: due, and not
+    handed over since they became due (new, a retry after its backoff, a sender's lease run out), or handed over so
+    long ago that the hand-over was lost. On PostgreSQL rows another sweep has locked are skipped (two sweeps at once
+    split the work); handing a message out twice is harmless anyway, as only one claim of it succeeds."""
     query = (
         select(OutboxMessage.id)
-        .where(OutboxMessage.state.in_(DUE), OutboxMessage.next_attempt_at <= now)
-        .order_by(OutboxMessage.next_attempt_at)
+        .where(
+            OutboxMessage.state.in_(DUE),
+            OutboxMessage.next_attempt_at <= now,
+            or_(
+                OutboxMessage.handed_over_at.is_(None),
+                OutboxMessage.handed_over_at < OutboxMessage.next_attempt_at,
+                OutboxMessage.handed_over_at <= now - HAND_OVER_AGAIN_AFTER,
+            ),
+        )
+        .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     return list(db.session.scalars(query))
+
+
+def handed_over(message_ids: list, now: datetime | None) -> None:
+    """Note that these messages were handed to senders at ``now``: ``due`` leaves them out until that is
+    HAND_OVER_AGAIN_AFTER ago, or they are due again (``now`` None: they were not, after all)."""
+    if message_ids:
+        statement = (
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(message_ids))
+            .values(handed_over_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        db.session.execute(statement)
 
 
 def retry(message_id, now: datetime) -> OutboxMessage | None:
@@ -146,32 +173,29 @@ def retry(message_id, now: datetime) -> OutboxMessage | None:
     return db.session.scalars(statement).first()
 
 
-# How far back the delivery times in ``figures`` look: messages sent in the last LATENCY_WINDOW (at most the
-# LATENCY_SAMPLE latest), queued no longer than LATENCY_HORIZON before (so the index on state and created_at bounds it).
+# How far back the delivery times in ``figures`` look: messages sent in the last LATENCY_WINDOW, at most the
+# LATENCY_SAMPLE sent last (however long each had waited: a backlog's slow messages count most).
 LATENCY_WINDOW = timedelta(minutes=5)
-LATENCY_HORIZON = timedelta(hours=6)
 LATENCY_SAMPLE = 10_000
+# The outbox's states as /metrics reports them: "retrying" is pending after a failed attempt.
+REPORTED_STATES = ("pending", "sending", "failed", "retrying")
 
 
 def figures(now: datetime, connection: Connection) -> dict:
     """What /metrics reports about the outbox, read from the table (so it covers every worker on every machine):
-    messages by state ("retrying": pending after a failed attempt), the age of the oldest one still to send, and
+    messages by state (REPORTED_STATES), the age of the oldest one still to send, and
     the seconds from queueing to sending of those sent lately (sorted). On a connection of its own, not the session."""
     unsent = (*DUE, "failed")
     by_state = select(OutboxMessage.state, db.func.count()).where(OutboxMessage.state.in_(unsent))
-    counts = dict.fromkeys(unsent, 0) | dict(connection.execute(by_state.group_by(OutboxMessage.state)).all())
+    counts = dict.fromkeys(REPORTED_STATES, 0) | dict(connection.execute(by_state.group_by(OutboxMessage.state)).all())
     counts["retrying"] = connection.scalar(
         select(db.func.count()).where(OutboxMessage.state == "pending", OutboxMessage.attempts > 0)
     )
     oldest = connection.scalar(select(db.func.min(OutboxMessage.created_at)).where(OutboxMessage.state.in_(DUE)))
     recent = (
         select(OutboxMessage.created_at, OutboxMessage.sent_at)
-        .where(
-            OutboxMessage.state == "sent",
-            OutboxMessage.created_at >= now - LATENCY_HORIZON,
-            OutboxMessage.sent_at >= now - LATENCY_WINDOW,
-        )
-        .order_by(OutboxMessage.created_at.desc())
+        .where(OutboxMessage.sent_at >= now - LATENCY_WINDOW)
+        .order_by(OutboxMessage.sent_at.desc())
         .limit(LATENCY_SAMPLE)
     )
     delays = sorted((sent - created).total_seconds() for created, sent in connection.execute(recent))

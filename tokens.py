@@ -63,7 +63,7 @@ ACCOUNT_LINKS = ("password_reset", "email_change", "email_verification")
 def _live(purpose: str | tuple[str, ...], now: datetime):
     """The conditions of a token still good for ``purpose`` (or any of several) at ``now``."""
     return (
-        OneTimeToken.purpose.in_((purpose,) if isinstance(purpose, str) else purpose),
+        OneTimeToken.purpose == purpose if isinstance(purpose, str) else OneTimeToken.purpose.in_(purpose),
         OneTimeToken.used_at.is_(None),
         OneTimeToken.revoked_at.is_(None),
         OneTimeToken.expires_at > now,
@@ -110,10 +110,9 @@ def revoke(
     *,
     user_id: uuid.UUID | None = None,
     email: str | None = None,
-    keep_id: uuid.UUID | None = None,
 ) -> int:
     """Revoke the outstanding tokens for ``purpose`` (or any of several, such as ACCOUNT_LINKS) of an account
-    (``user_id``) or an address (``email``, exactly as stored), except ``keep_id``: how many. Used and expired
+    (``user_id``) or an address (``email``, exactly as stored): how many. Used and expired
     tokens are left as they are."""
     if user_id is None and email is None:
         raise ValueError("revoke needs a user_id or an email")
@@ -122,8 +121,6 @@ def revoke(
         conditions.append(OneTimeToken.user_id == user_id)
     if email is not None:
         conditions.append(OneTimeToken.email == email)
-    if keep_id is not None:
-        conditions.append(OneTimeToken.id != keep_id)
     statement = (
         update(OneTimeToken).where(*conditions).values(revoked_at=now).execution_options(synchronize_session=False)
     )

@@ -82,7 +82,6 @@ def watch_pool(app: Flask, registry: CollectorRegistry) -> None:
 
 
 DELIVERY_QUANTILES = {"0.5": 0.5, "0.95": 0.95, "1": 1.0}
-OUTBOX_GAUGE_STATES = ("pending", "sending", "failed", "retrying")
 
 
 def outbox_gauges(registry: CollectorRegistry) -> dict[str, Gauge]:
@@ -120,7 +119,7 @@ def report_outbox(gauges: dict[str, Gauge]) -> None:
             figures = outbox.figures(utcnow(), connection)
     except SQLAlchemyError as error:
         current_app.logger.warning("Outbox figures unavailable for /metrics: %s", error.__class__.__name__)
-        figures = {"messages": dict.fromkeys(OUTBOX_GAUGE_STATES, math.nan), "oldest_unsent_age": math.nan}
+        figures = {"messages": dict.fromkeys(outbox.REPORTED_STATES, math.nan), "oldest_unsent_age": math.nan}
         figures["delivery_seconds"] = []
     for state, count in figures["messages"].items():
         gauges["messages"].labels(state).set(count)

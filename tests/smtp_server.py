@@ -5,6 +5,7 @@ demand a login, and can be told to refuse recipients or messages with any reply 
 import email
 import email.policy
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 
@@ -34,7 +35,9 @@ class SmtpServer:
 
     - ``received``: the messages accepted so far, in order.
     - ``rcpt_reply`` / ``data_reply``: set to a reply such as ``"550 5.1.1 No such user"`` or
-      ``"451 4.3.0 Try again later"`` to answer RCPT TO or DATA with it instead of accepting."""
+      ``"451 4.3.0 Try again later"`` to answer RCPT TO or DATA with it instead of accepting.
+    - ``during_data``: a function called as a message's DATA arrives, before the reply (something happening meanwhile,
+      such as another sender's claim while this one is slow)."""
 
     def __init__(self, security: str = "none", ca: trustme.CA | None = None, login: tuple[str, str] | None = None):
         if security not in SECURITY_MODES:
@@ -43,6 +46,7 @@ class SmtpServer:
         self.received: list[Received] = []
         self.rcpt_reply: str | None = None
         self.data_reply: str | None = None
+        self.during_data: Callable[[], None] | None = None
         self._login = login
         options = {}
         if security != "none":
@@ -83,6 +87,8 @@ class SmtpServer:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
+        if self.during_data:
+            self.during_data()
         if self.data_reply:
             return self.data_reply
         raw = envelope.original_content

@@ -88,6 +88,21 @@ def test_a_commit_hands_its_messages_to_a_worker_which_sends_each_once(app, smtp
     assert sorted(received.rcpt_tos[0] for received in smtp.received) == [f"user{n}@example.com" for n in range(3)]
 
 
+@ON_CELERY
+def test_the_sweep_leaves_a_message_the_broker_holds_to_the_workers(app, monkeypatch):
+    ids = queue(app, 2)  # handed to the broker by the commit; no worker is running
+    app.extensions["jobs"].wait()
+    handed = []
+
+    with app.app_context(), redis.Redis.from_url(REDIS_URL) as broker:
+        assert jobs.sweep(send=handed.append) == 0  # a backlog is not queued a second time
+        assert broker.llen(QUEUE) == 2
+        later = utcnow() + outbox.HAND_OVER_AGAIN_AFTER
+        monkeypatch.setattr(jobs, "utcnow", lambda: later)
+        assert jobs.sweep(send=handed.append) == 2  # unless the broker has held them too long (or lost them)
+    assert sorted(handed) == sorted(ids)
+
+
 @pytest.mark.app_config(CELERY=celery_settings(f"redis://127.0.0.1:{free_port()}/0", QUEUE), JOBS_AFTER_COMMIT=True)
 def test_with_the_broker_down_at_commit_time_the_sweep_sends_the_message(app, smtp):
     [message_id] = queue(app)  # nothing listens where the broker should be: the commit stands all the same

@@ -122,6 +122,22 @@ def test_a_message_whose_sender_died_mid_send_is_swept_after_its_lease(app, serv
     assert len(server.received) == 1 and state(app, message_id).attempts == 2
 
 
+def test_a_sender_whose_lease_ran_out_leaves_the_next_senders_claim_alone(app, server, clock):
+    message_id = queue(app)
+
+    def second_sender_claims() -> None:  # the first is so slow that its lease runs out, and another claims the message
+        clock.now = START + outbox.LEASE
+        with app.app_context():
+            outbox.claim(message_id, clock.now)
+            db.session.commit()
+
+    server.during_data, server.data_reply = second_sender_claims, "451 4.3.0 Try again later"
+
+    assert send(app, message_id) == "sending"  # the first's failure ends nothing: the second sender's claim holds
+    claimed = state(app, message_id)
+    assert (claimed.state, claimed.attempts, claimed.next_attempt_at) == ("sending", 2, START + 2 * outbox.LEASE)
+
+
 def test_the_sweep_sends_every_due_message_and_no_other(app, server, clock):
     due = [queue(app, f"event:{number}", START - timedelta(minutes=number)) for number in range(3)]
     later = queue(app, "event:later", START + timedelta(minutes=1))
@@ -133,6 +149,34 @@ def test_the_sweep_sends_every_due_message_and_no_other(app, server, clock):
         f"<{message_id}@finstack.example>" for message_id in due
     )
     assert state(app, later).state == "pending"
+
+
+def test_the_sweep_hands_over_every_due_message_once_batch_after_batch(app, clock):
+    queued = {queue(app, f"event:{number}") for number in range(5)}
+    handed = []
+
+    with app.app_context():
+        assert jobs.sweep(send=handed.append, batch_size=2) == 5
+        assert jobs.sweep(send=handed.append, batch_size=2) == 0  # the workers have them: no second copy queued
+
+        clock.now += outbox.HAND_OVER_AGAIN_AFTER  # still not sent: handed over again, as the broker lost them
+        assert jobs.sweep(send=handed.append, batch_size=2) == 5
+    assert sorted(handed) == sorted([*queued, *queued])
+
+
+def test_a_message_the_sweep_could_not_hand_over_is_the_next_sweeps(app, clock):
+    refused, taken = queue(app, "event:refused"), queue(app, "event:taken")
+    handed = []
+
+    def send(message_id) -> None:
+        if message_id == refused:
+            raise ConnectionError("the broker is away")
+        handed.append(message_id)
+
+    with app.app_context():
+        assert jobs.sweep(send=send) == 1
+        assert jobs.sweep(send=handed.append) == 1
+    assert handed == [taken, refused]
 
 
 def test_in_development_a_message_is_written_as_an_eml_file(app, clock, tmp_path):

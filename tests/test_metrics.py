@@ -170,6 +170,7 @@ def test_the_outbox_is_reported_from_the_database_at_each_scrape(fresh_database_
         queued("waiting", 10)
         for key, delay in [("quick", 2), ("usual", 4), ("slow", 40)]:  # seconds from queueing to sending
             outbox.mark_sent(queued(key, 1), now - timedelta(minutes=1) + timedelta(seconds=delay))
+        outbox.mark_sent(queued("backlogged", 8 * 60), now - timedelta(seconds=30))  # waited 8 hours: counts most
         outbox.mark_sent(queued("long-ago", 60 * 24), now - timedelta(hours=23))  # not sent in the last 5 minutes
         sending, retrying, failed = (queued(key, 3) for key in ("sending", "retrying", "failed"))
         db.session.commit()
@@ -189,7 +190,8 @@ def test_the_outbox_is_reported_from_the_database_at_each_scrape(fresh_database_
         quantile: page[("finstack_outbox_delivery_seconds", (("quantile", quantile),))]
         for quantile in ("0.5", "0.95", "1")
     }
-    assert delivery == {"0.5": 4, "0.95": 40, "1": 40}
+    backlogged = 8 * 3600 - 30
+    assert delivery == {"0.5": 40, "0.95": backlogged, "1": backlogged}
     with app.app_context():
         db.engine.dispose()
 

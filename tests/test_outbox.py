@@ -131,6 +131,25 @@ def test_the_sweep_finds_due_messages_oldest_first(app):
         assert outbox.due(NOW, limit=2) == [stuck, early]
 
 
+def test_a_message_handed_over_is_due_again_only_when_its_sender_could_not_have_it(app):
+    with app.app_context():
+        waiting, retried, lost = (queue(event_key=key).id for key in ("waiting", "retried", "lost"))
+        outbox.handed_over([waiting, retried, lost], NOW)
+        db.session.commit()
+        assert outbox.due(NOW) == []  # each with a sender (a worker, or queued for one)
+
+        message = outbox.claim(retried, NOW + timedelta(seconds=1))
+        outbox.mark_failed(message, "451 try again later", NOW + timedelta(seconds=2), rng=random.Random(1))
+        db.session.commit()
+        after_backoff = message.next_attempt_at
+        assert outbox.due(after_backoff) == [retried]  # due again, and no sender has it since
+
+        lost_or_waiting = NOW + outbox.HAND_OVER_AGAIN_AFTER
+        assert set(outbox.due(lost_or_waiting)) == {waiting, retried, lost}  # the hand-over was lost: again
+        outbox.handed_over([lost], None)  # it could not be handed over after all
+        assert outbox.due(NOW) == [lost]
+
+
 @pytest.mark.own_database  # two connections, with real commits
 def test_of_two_senders_claiming_one_message_at_once_one_gets_it(app):
     with app.app_context():
