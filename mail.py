@@ -55,7 +55,7 @@ def compose(kind: str, to: str, context: dict, message_id: str, date: datetime |
     subject, _, text = render(f"mail/{kind}.txt", context).lstrip().partition("\n")
 
     message = EmailMessage()
-    message["Subject"] = subject.strip()
+    message["Subject"] = " ".join(subject.split())  # one line, whatever a name in it holds
     message["From"] = formataddr((config["FIRM_NAME"], config["MAIL_FROM"]))
     message["To"] = to
     if len(message["To"].addresses) != 1:

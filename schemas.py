@@ -180,8 +180,13 @@ def email_field(**kwargs) -> Lowercase:
     return Lowercase(validate=[Length(max=255), Email()], **kwargs)
 
 
+# One line of text: a name goes into emails' subjects and greetings, where a line break or another control character
+# would break the header or the layout. (Trimmed strips a last line break, which "$" would let through.)
+ONE_LINE = Regexp(r"^[^\x00-\x1f\x7f-\x9f]*$", error="Must be one line of text, without control characters.")
+
+
 def full_name_field(**kwargs) -> Trimmed:
-    return Trimmed(validate=Length(min=1, max=120), **kwargs)
+    return Trimmed(validate=[Length(min=1, max=120), ONE_LINE], **kwargs)
 
 
 def username_field(**kwargs) -> Lowercase:

@@ -1,13 +1,10 @@
 """Account flows that go through someone's inbox (issue 15): resetting a forgotten password, and changing one's
 email address, each by a link that works once (tokens.py) in an email queued in the outbox (outbox.py)."""
 
-import hashlib
-import time
 from datetime import timedelta
 
 from flask import Blueprint, current_app
 from flask_jwt_extended import current_user, jwt_required
-from limits import parse_many
 from marshmallow import ValidationError
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
@@ -18,8 +15,8 @@ from config import ascii_domain, readable_domain
 from models import LoginSession, User, db, utcnow
 from routes import load_json, no_store
 from routes.auth import email_link, end_sessions
-from routes.errors import APIError, RateLimited, describe_limit
-from routes.limits import forget_known_addresses, forgive_password_attempts, spend_password_attempt
+from routes.errors import APIError
+from routes.limits import forget_known_addresses, forgive_password_attempts, spend_email_to, spend_password_attempt
 from schemas import (
     EmailChangeConfirmSchema,
     EmailChangeSchema,
@@ -50,31 +47,6 @@ EMAIL_TAKEN = "This email is already registered."
 bp = Blueprint("accounts", __name__, url_prefix="/api/auth")
 bp.after_request(no_store)
 user_schema = UserSchema()
-
-
-def spend_email_to(address: str) -> None:
-    """Count one email with a link to ``address`` against RATELIMIT_ACCOUNT_EMAIL; over it, a 429. Whoever asks,
-    and whether or not an account uses the address: it keeps the app from flooding one inbox, and answers the same
-    for every address. The address is kept in the store as its hash only. While the store fails, the email goes."""
-    limiter = current_app.extensions.get("rate_limiter")
-    if limiter is None:
-        return
-    keys = (
-        current_app.config["RATELIMIT_KEY_PREFIX"],
-        "account-email",
-        hashlib.sha256(address.encode()).hexdigest(),
-    )
-    try:
-        for item in parse_many(current_app.config["RATELIMIT_ACCOUNT_EMAIL"]):
-            if not limiter.limiter.hit(item, *keys):
-                wait = limiter.limiter.get_window_stats(item, *keys).reset_time - time.time()
-                break
-        else:
-            return
-    except Exception:
-        current_app.logger.exception("Rate-limit store failed: an account email not counted")
-        return
-    raise RateLimited("Too many emails to this address lately; try again later.", wait, describe_limit(item))
 
 
 @bp.post("/forgot-password")

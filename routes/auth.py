@@ -23,7 +23,7 @@ from flask_jwt_extended import (
     jwt_required,
 )
 from marshmallow import ValidationError
-from sqlalchemy import event, exists, func, null, or_, select
+from sqlalchemy import event, exists, null, or_, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, make_transient_to_detached
@@ -32,13 +32,14 @@ from werkzeug.security import check_password_hash, generate_password_hash
 import outbox
 import tokens
 from config import ascii_domain, readable_domain
-from models import LoginSession, OneTimeToken, RevokedToken, User, db, insert, utcnow
+from models import LoginSession, RevokedToken, User, db, insert, utcnow
 from routes import load_json, no_store
 from routes.errors import ACCOUNT_GONE, TOKEN_REVOKED, APIError
 from routes.limits import (
     CountingRedisStorage,
     forget_known_addresses,
     forgive_password_attempts,
+    spend_email_to,
     spend_password_attempt,
 )
 from schemas import (
@@ -52,17 +53,15 @@ from schemas import (
     check_password_policy,
 )
 
-# An address's verification link (REGISTRATION=domain): how long it works, and how many an address is sent in an hour
-# at most (the registration's included), however often someone asks for another.
+# How long an address's verification link (REGISTRATION=domain) works.
 VERIFICATION_LIFETIME = timedelta(hours=48)
 VERIFICATION_LIFETIME_TEXT = "valid for 48 hours"
-VERIFICATION_LINKS_PER_HOUR = 3
 INVALID_VERIFICATION = (
     "This verification link is not valid: it was used or replaced by a newer one, or it expired. Ask for a new one."
 )
 RESEND_ANSWER = (
-    "If an account with this address is waiting for verification, a new link is on its way: it works for 48 hours, "
-    "and only the newest link works."
+    "An email is on its way to this address: if an account there is waiting for verification, it holds a new link, "
+    "which works for 48 hours (only the newest link works)."
 )
 
 # Cached token owners live this long at most: how late an account change can reach another instance if Redis was
@@ -434,18 +433,24 @@ def email_link(page: str, raw_token: str) -> str:
     return f"{current_app.config['FRONTEND_URL'] or ''}/{page}?token={raw_token}"
 
 
-def send_verification(user: User, now: datetime) -> None:
-    """Email ``user`` a new link that verifies their address; any earlier one stops working."""
-    tokens.revoke("email_verification", now, user_id=user.id)
-    token, raw = tokens.issue(
-        "email_verification", user.email, lifetime=VERIFICATION_LIFETIME, now=now, user_id=user.id
-    )
-    payload = {
-        "full_name": user.full_name,
-        "link": email_link("verify-email", raw),
-        "expires_in": VERIFICATION_LIFETIME_TEXT,
-    }
-    outbox.add("email_verification", user.email, f"email-verification:{token.id}", payload, now)
+def send_verification(email: str, now: datetime, user: User | None) -> None:
+    """Email ``email`` a new link that verifies the address of ``user``, an account waiting for it (any earlier link
+    stops working); with no such account, an email saying that nothing waits for verification there. The same
+    statements either way (a revocation, a token, an email), so neither the answer nor its time tells one from the
+    other: the token without an account is never sent, and only records the request."""
+    tokens.revoke("email_verification", now, email=email)
+    user_id = user.id if user is not None else None
+    token, raw = tokens.issue("email_verification", email, lifetime=VERIFICATION_LIFETIME, now=now, user_id=user_id)
+    event_key = f"email-verification:{token.id}"
+    if user is not None:
+        payload = {
+            "full_name": user.full_name,
+            "link": email_link("verify-email", raw),
+            "expires_in": VERIFICATION_LIFETIME_TEXT,
+        }
+        outbox.add("email_verification", email, event_key, payload, now)
+    else:
+        outbox.add("email_verification_not_needed", email, event_key, {"email": email}, now)
 
 
 @bp.post("/register")
@@ -484,7 +489,7 @@ def register():
         db.session.rollback()
         raise duplicate_user(data["username"], data["email"]) from None
     if verify:
-        send_verification(user, utcnow())
+        send_verification(user.email, utcnow(), user)
         db.session.commit()
         message = (
             f"Account created. To sign in, verify your address: follow the link we sent to {user.email} (it works for "
@@ -494,6 +499,10 @@ def register():
     session_tokens = start_session(user)
     db.session.commit()
     return session_response("Registration successful.", user, session_tokens), 201
+
+
+def invalid_verification() -> APIError:
+    return APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
 
 
 @bp.post("/verify-email")
@@ -514,13 +523,13 @@ def verify_email():
     data = load_json(VerifyEmailSchema())
     now = utcnow()
     token = tokens.consume("email_verification", data["token"], now)
-    user = token and db.session.get(User, token.user_id, with_for_update={"key_share": True})
-    if user is None or user.email != token.email:  # the account changed its address since: this link is not for it
-        raise APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
+    user = token and token.user_id and db.session.get(User, token.user_id, with_for_update={"key_share": True})
+    if not user or user.email != token.email:  # the account changed its address since: this link is not for it
+        raise invalid_verification()
     if not user.is_active:
         raise APIError(ACCOUNT_GONE, 403)
     if user.email_verified_at is not None:  # verified since (a reset link, say): this link no longer signs anyone in
-        raise APIError(INVALID_VERIFICATION, 400, {"token": ["Not a valid verification token."]})
+        raise invalid_verification()
     user.email_verified_at = now
     session_tokens = start_session(user)
     db.session.commit()
@@ -529,33 +538,26 @@ def verify_email():
 
 @bp.post("/resend-verification")
 def resend_verification():
-    """Ask for a new verification link for an address: the answer is the same 202 whether or not an account waits
-    for verification there, so it tells nobody which addresses have accounts.
+    """Ask for a new verification link for an address: the same 202, after the same work, whether or not an account
+    waits for verification there, so it tells nobody which addresses have accounts.
 
-    The new link replaces the earlier ones. An address is sent at most 3 links an hour, its registration's included;
-    past that, asking again sends nothing (and still answers 202).
+    An account waiting at the address gets a new link, which replaces the earlier ones; any other address gets an
+    email saying that nothing there waits for verification (an account verified already just signs in).
+    RATELIMIT_ACCOUNT_EMAIL bounds what one address is sent (3 emails an hour and 10 a day by default, counted with
+    password resets and address changes): past it, asking is a 429 for that address, whatever it is.
     ---
     security: []
     requestBody: {required: true, content: {application/json: {schema: ResendVerificationSchema}}}
     responses:
       202: {description: Accepted., content: {application/json: {schema: MessageSchema}}}
     """
-    data = load_json(ResendVerificationSchema())
+    email = load_json(ResendVerificationSchema())["email"]
+    spend_email_to(email)
     now = utcnow()
-    # Locked, so that requests at once for one address take turns: each counts the links the one before sent.
-    user = db.session.scalar(select(User).where(User.email == data["email"]).with_for_update())
-    if user is not None and user.email_verified_at is None and user.is_active:
-        sent_lately = db.session.scalar(
-            select(func.count())
-            .select_from(OneTimeToken)
-            .where(
-                OneTimeToken.purpose == "email_verification",
-                OneTimeToken.user_id == user.id,
-                OneTimeToken.created_at > now - timedelta(hours=1),
-            )
-        )
-        if sent_lately < VERIFICATION_LINKS_PER_HOUR:
-            send_verification(user, now)
+    # Locked, so that requests at once for one account take turns and only the newest link works (FOR NO KEY UPDATE:
+    # nothing that only refers to the account waits).
+    waiting = select(User).where(User.email == email, User.is_active, User.email_verified_at.is_(None))
+    send_verification(email, now, db.session.scalar(waiting.with_for_update(key_share=True)))
     db.session.commit()
     return {"message": RESEND_ANSWER}, 202
 

@@ -1,6 +1,7 @@
 """Rate limits (Flask-Limiter): a generous default for every route, strict ones where passwords and tokens are
 tried. Over a limit the answer is a 429 in the error envelope, with ``Retry-After``."""
 
+import hashlib
 import ipaddress
 import secrets
 import time
@@ -33,6 +34,7 @@ LOCKOUT_DOUBLINGS = 6
 LONGEST_LOCKOUT = 24 * 3600
 HERE = "Too many failed password attempts for this account from your address; try again later."
 ANYWHERE = "Too many failed password attempts for this account; try again later."
+TOO_MANY_EMAILS = "Too many emails to this address lately; try again later."
 
 
 # Adds ``amount`` entries to a moving window (as limits' own script does: none if that would pass ``limit``), then
@@ -194,15 +196,39 @@ def signed_in_here_lately(store: MovingWindowSupport, username: str, address: st
     return signed_in if not changes or signed_in >= changed else None
 
 
-def spend_at_account(limiter: Limiter, username: str) -> Refusal | None:
-    """Spend one check from ``username``'s ceiling across addresses (each RATELIMIT_LOGIN_FAILURES_ACCOUNT limit in
-    turn, stopping at the first that refuses)."""
-    keys = (current_app.config["RATELIMIT_KEY_PREFIX"], f"username:{username}", PASSWORD_ATTEMPTS)
-    for item in parse_many(current_app.config["RATELIMIT_LOGIN_FAILURES_ACCOUNT"]):
+def spend(limiter: Limiter, limits: str, message: str, *keys: str) -> Refusal | None:
+    """Spend one hit of each limit of ``limits`` (a RATELIMIT_* setting) under ``keys``, in turn, stopping at the
+    first that refuses: that refusal, with ``message``, or None."""
+    for item in parse_many(limits):
         if not limiter.limiter.hit(item, *keys):
             reset = limiter.limiter.get_window_stats(item, *keys).reset_time
-            return Refusal(ANYWHERE, reset - time.time(), describe_limit(item))
+            return Refusal(message, reset - time.time(), describe_limit(item))
     return None
+
+
+def spend_at_account(limiter: Limiter, username: str) -> Refusal | None:
+    """Spend one check from ``username``'s ceiling across addresses (RATELIMIT_LOGIN_FAILURES_ACCOUNT)."""
+    config = current_app.config
+    keys = (config["RATELIMIT_KEY_PREFIX"], f"username:{username}", PASSWORD_ATTEMPTS)
+    return spend(limiter, config["RATELIMIT_LOGIN_FAILURES_ACCOUNT"], ANYWHERE, *keys)
+
+
+def spend_email_to(address: str) -> None:
+    """Count one email to ``address`` against RATELIMIT_ACCOUNT_EMAIL; over it, a 429. Whoever asks, and whether or
+    not an account uses the address: it keeps the app from flooding one inbox, and answers the same for every
+    address. The address is kept in the store as its hash only. While the store fails, the email goes."""
+    limiter = current_app.extensions.get("rate_limiter")
+    if limiter is None:
+        return
+    config = current_app.config
+    keys = (config["RATELIMIT_KEY_PREFIX"], "account-email", hashlib.sha256(address.encode()).hexdigest())
+    try:
+        refusal = spend(limiter, config["RATELIMIT_ACCOUNT_EMAIL"], TOO_MANY_EMAILS, *keys)
+    except Exception:
+        current_app.logger.exception("Rate-limit store failed: an account email not counted")
+        return
+    if refusal is not None:
+        raise RateLimited(refusal.message, refusal.wait, refusal.limit)
 
 
 def spend_password_attempt(username: str) -> None:

@@ -78,6 +78,9 @@ def test_register_requires_each_field(client, field):
         ("full_name", "   "),
         ("full_name", "nul\x00byte"),
         ("full_name", "lone \ud800 surrogate"),
+        ("full_name", "Carol\nBcc: everyone@example.com"),  # one line: a name goes into email subjects
+        ("full_name", "Carol\tClark"),
+        ("full_name", "Carol\x85Clark"),
         ("password", "surrogate\udc80pass"),
         ("email", "İ" * 200 + "@example.com"),  # 212 characters, 412 once lower-cased
     ],

@@ -57,6 +57,16 @@ def use_server(app, server: SmtpServer, **settings) -> None:
     )
 
 
+def test_a_name_with_a_line_break_cannot_add_a_header(app):  # names are one line now, but older ones may not be
+    invitation = {"inviter_name": "Mallory\rBcc: all@example.com\n", "full_name": None, "is_admin": False}
+    invitation |= {"link": "https://x.example/i", "expires_in": "7 days"}
+    with app.app_context():
+        message = compose("invitation", "kim@example.com", invitation, ROW_ID)
+
+    assert message["Subject"] == "Mallory Bcc: all@example.com"  # the first line of the template, one line
+    assert message["Bcc"] is None and "all@example.com" not in message["To"]
+
+
 @pytest.mark.app_config(MAIL_FROM="tasks@finstack.example", MAIL_MESSAGE_ID_DOMAIN="finstack.example", FIRM_NAME=FIRM)
 def test_compose_fills_headers_and_both_parts(app):
     date = datetime(2026, 12, 3, 9, 30, tzinfo=UTC)
