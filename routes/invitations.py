@@ -234,7 +234,9 @@ def accept_invitation():
     """Accept an invitation: the account is created with the invited address (verified) and role, and signed in.
 
     Works in every REGISTRATION mode. The link's token works once; an unknown, used, revoked, replaced or expired one
-    is a 400 (one message for all). A taken username is a 409, and the token stays usable.
+    is a 400 (one message for all). So is one whose administrator is no longer an active administrator, deactivated,
+    demoted or deleted since (an invitation is only as good as the administrator behind it): trying it revokes it.
+    A taken username is a 409, and the token stays usable.
     ---
     security: []
     requestBody: {required: true, content: {application/json: {schema: AcceptInvitationSchema}}}
@@ -255,7 +257,22 @@ def accept_invitation():
     if not full_name:
         raise ValidationError("Missing data for required field.", "full_name")
     check_password_policy(data["password"], data["username"], email)
-    if tokens.consume(PURPOSE, data["token"], now) is None:  # used, or revoked, since it was read
+    token = tokens.consume(PURPOSE, data["token"], now)
+    if token is None:  # used, or revoked, since it was read
+        raise APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
+    # The inviter must still be an active administrator: read after consume(), in its transaction, without a lock.
+    # Deactivating or demoting them (PATCH /api/users/<id>) revokes their pending invitations with a conditional
+    # UPDATE of these same rows, so that and consume() wait for each other: if the revocation came first, consume()
+    # found the token revoked; if consume() came first, the demotion waits for this transaction, then leaves the used
+    # token alone, and this acceptance counts as made before it (the read below sees the inviter as committed: still
+    # an administrator). A lock on the inviter's row would add nothing and deadlock (FOR SHARE waits for the demotion,
+    # which holds that row while it waits for this token); FOR KEY SHARE would not wait for it at all. What no
+    # revocation covers (an inviter deleted, so ``created_by_id`` is null, or demoted outside the API) is seen here
+    # once committed. SQLite runs one writer at a time, so there the two simply come one after the other.
+    inviter_is_admin = exists().where(User.id == token.created_by_id, User.is_active, User.is_admin)
+    if not db.session.scalar(select(inviter_is_admin)):
+        token.used_at, token.revoked_at = None, now  # never to be accepted: listed as revoked, not pending
+        db.session.commit()
         raise APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
     user = create_user(data["username"], email, data["password"], full_name, bool(invited.get("is_admin")))
     user.email_verified_at = now  # the link reached the address

@@ -1,13 +1,15 @@
 """People: the assignment list, one's own profile, and the administrators' account controls."""
 
 import uuid
+from datetime import datetime
 
 from flask import Blueprint
 from flask_jwt_extended import current_user
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from models import LoginSession, User, db
+import tokens
+from models import LoginSession, OneTimeToken, User, db, utcnow
 from routes import load_args, load_json, no_store, require_login
 from routes.auth import create_user, duplicate_user, end_sessions
 from routes.errors import APIError
@@ -109,7 +111,9 @@ def update_user(user_id: uuid.UUID):
     """Administrators activate or deactivate an account, or grant or remove admin; the last active
     administrator cannot be deactivated or demoted.
 
-    A deactivated user's tokens stop working at once.
+    A deactivated user's tokens stop working at once, and so do the links emailed to the account (password reset,
+    email change, verification): reactivating it revives neither. Deactivating or demoting an administrator revokes
+    the pending invitations they sent (the message says how many); granting admin again does not revive them.
     ---
     requestBody: {required: true, content: {application/json: {schema: UserAdminSchema}}}
     responses:
@@ -140,9 +144,39 @@ def update_user(user_id: uuid.UUID):
             {field: ["The last active administrator must stay an active administrator."] for field in data},
         )
     deactivated = user.is_active and data.get("is_active") is False
+    stepped_down = user.id in admins and not stays_admin
     for field, value in data.items():
         setattr(user, field, value)
+    now, message = utcnow(), "User updated."
     if deactivated:
         end_sessions(LoginSession.user_id == user.id)  # reactivation later must not revive old tokens
+        # Nor old links: a reset link mailed before would otherwise work again once the account is reactivated.
+        tokens.revoke(tokens.ACCOUNT_LINKS, now, user_id=user.id)
+    if stepped_down:
+        revoked = revoke_invitations_sent_by(user.id, now)
+        if revoked:
+            message += f" The {revoked} pending invitation(s) they sent were revoked: their links no longer work."
     db.session.commit()
-    return {"message": "User updated.", "user": user_schema.dump(user)}
+    return {"message": message, "user": user_schema.dump(user)}
+
+
+def revoke_invitations_sent_by(admin_id: uuid.UUID, now: datetime) -> int:
+    """Revoke the pending invitations ``admin_id`` sent: how many. An invitation is only as good as the administrator
+    behind it, so one who is deactivated or demoted takes theirs back (accept-invitation checks the inviter too).
+
+    A conditional UPDATE of the token rows, like the one that accepts an invitation: of this and an acceptance at
+    once, one waits for the other, so an invitation ends up either accepted before the demotion or revoked by it
+    (see routes/invitations.py). Used and expired invitations are left as they are, as tokens.revoke does."""
+    statement = (
+        update(OneTimeToken)
+        .where(
+            OneTimeToken.purpose == "invitation",
+            OneTimeToken.created_by_id == admin_id,
+            OneTimeToken.used_at.is_(None),
+            OneTimeToken.revoked_at.is_(None),
+            OneTimeToken.expires_at > now,
+        )
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return db.session.execute(statement).rowcount

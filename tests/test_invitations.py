@@ -6,6 +6,8 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -59,6 +61,13 @@ def listed(client, headers, query: str = "") -> list[dict]:
 
 def clock(monkeypatch, now: datetime) -> None:
     monkeypatch.setattr(invitations, "utcnow", lambda: now)
+
+
+def headers_of(app, account: dict) -> dict:
+    return {"Authorization": f"Bearer {token_for(app, account['id'])}"}
+
+
+INVALID = {"error": invitations.INVALID_TOKEN, "details": {"token": ["Not a valid invitation token."]}}
 
 
 def test_an_invitation_emails_a_link_that_creates_the_account_and_signs_in(client, app, mailbox, admin_headers):
@@ -358,6 +367,57 @@ def test_an_inviter_deleted_since_shows_as_null(client, app, make_user, mailbox)
     assert shown["invited_by"] is None
 
 
+@pytest.mark.parametrize("change", [{"is_active": False}, {"is_admin": False}], ids=["deactivated", "demoted"])
+def test_an_administrator_who_steps_down_takes_back_their_pending_invitations(
+    client, app, make_user, mailbox, admin_headers, change
+):
+    ops = make_user("ops", full_name="Otto Ops", is_admin=True)
+    pending = invited_token(client, mailbox, headers_of(app, ops), is_admin=True)
+    accepted = invited_token(client, mailbox, headers_of(app, ops), email="anna@example.com")
+    assert accept(client, accepted, username="anna").status_code == 201
+    invite(client, admin_headers, email="carl@example.com")
+
+    response = client.patch(f"/api/users/{ops['id']}", json=change, headers=admin_headers)
+
+    assert response.status_code == 200
+    assert response.get_json()["message"] == (
+        "User updated. The 1 pending invitation(s) they sent were revoked: their links no longer work."
+    )
+    states = {shown["email"]: shown["state"] for shown in listed(client, admin_headers)}
+    assert states == {"erin@example.com": "revoked", "anna@example.com": "accepted", "carl@example.com": "pending"}
+    assert assert_error(accept(client, pending), 400) == INVALID
+    back = client.patch(f"/api/users/{ops['id']}", json=dict.fromkeys(change, True), headers=admin_headers)
+    assert back.get_json()["message"] == "User updated."
+    assert assert_error(accept(client, pending), 400) == INVALID  # an administrator again: still revoked
+    with app.app_context():
+        assert db.session.scalar(sa.select(User).where(User.email == "erin@example.com")) is None
+
+
+@pytest.mark.parametrize("change", ["demoted", "deactivated", "deleted"])
+def test_an_invitation_whose_inviter_is_no_active_administrator_now_is_refused_and_revoked(
+    client, app, make_user, mailbox, admin_headers, change
+):
+    """However that came about: in the database, by a command, or before demotions revoked invitations."""
+    ops = make_user("ops", full_name="Otto Ops", is_admin=True)
+    token = invited_token(client, mailbox, headers_of(app, ops), is_admin=True)
+    with app.app_context():
+        account = db.session.get(User, uuid.UUID(ops["id"]))
+        if change == "deleted":
+            db.session.delete(account)
+        else:
+            setattr(account, {"demoted": "is_admin", "deactivated": "is_active"}[change], False)
+        db.session.commit()
+
+    refused = assert_error(accept(client, token), 400)
+
+    assert refused == INVALID
+    (shown,) = listed(client, admin_headers)
+    assert (shown["state"], shown["accepted_at"]) == ("revoked", None)
+    assert assert_error(accept(client, token), 400) == INVALID
+    with app.app_context():
+        assert db.session.scalar(sa.select(User).where(User.email == "erin@example.com")) is None
+
+
 def test_invitations_are_for_administrators(client, auth_headers):
     for method, path in (("post", "/api/invitations"), ("get", "/api/invitations"),
                          ("delete", f"/api/invitations/{uuid.uuid4()}")):  # fmt: skip
@@ -390,23 +450,104 @@ def test_of_two_accepts_of_one_token_at_once_one_makes_the_account(app, client, 
     def accept_as(username: str) -> None:
         results[username] = accept(app.test_client(), token, username=username)
 
-    with app.app_context():
-        # Hold the invitation's row, so that both requests come to use it while it is held, then let them go.
+    racers = [threading.Thread(target=accept_as, args=(name,)) for name in ("erin", "erin-too")]
+    with app.app_context(), lock_waits() as wait_for:
+        # Hold the invitation's row (SQLite: the write lock), so that both requests come to wait for it, then let them
+        # go. PostgreSQL: both have read the token as usable, and consume()'s conditional UPDATE lets one through.
+        # SQLite: each request's transaction waits for the write lock as it begins, so the second reads the token
+        # only once the first has committed its use, and the two never overlap.
         db.session.execute(sa.select(OneTimeToken).where(OneTimeToken.purpose == "invitation").with_for_update())
-        racers = [threading.Thread(target=accept_as, args=(name,)) for name in ("erin", "erin-too")]
         for racer in racers:
             racer.start()
-        if POSTGRES_URL:
-            wait_for_lock_waits(2)
+        wait_for(*racers)
         db.session.rollback()
     for racer in racers:
         racer.join(10)
 
     assert sorted(response.status_code for response in results.values()) == [201, 400]
+    assert [response.get_json() for response in results.values() if response.status_code == 400] == [INVALID]
     with app.app_context():
         assert db.session.scalars(sa.select(User.username).where(User.email == "erin@example.com")).all() in (
             ["erin"], ["erin-too"],
         )  # fmt: skip
+
+
+@pytest.mark.own_database  # two requests on two connections, with real commits
+@pytest.mark.parametrize("first", ["demotion", "acceptance"])
+def test_an_accept_and_the_inviters_demotion_at_once_end_one_way_or_the_other(app, admin, make_user, mailbox, first):
+    """Either the acceptance comes first (the account is made, and the demotion leaves the used invitation alone), or
+    the demotion does (it revokes the invitation, and the acceptance is refused): never an account from an invitation
+    the demotion took back, and neither deadlocks."""
+    ops = make_user("ops", full_name="Otto Ops", is_admin=True)
+    token = invited_token(app.test_client(), mailbox, headers_of(app, ops), is_admin=True)
+    root = headers_of(app, admin)
+    send = {
+        "demotion": lambda client: client.patch(f"/api/users/{ops['id']}", json={"is_admin": False}, headers=root),
+        "acceptance": lambda client: accept(client, token),
+    }
+    results = {}
+
+    def run(name: str) -> None:
+        results[name] = send[name](app.test_client())
+
+    order = [first, *(name for name in send if name != first)]
+    racers = [threading.Thread(target=run, args=(name,)) for name in order]
+    with app.app_context(), lock_waits() as wait_for:
+        # Hold the invitation's row (SQLite: the write lock), and let the two requests queue for it in this order.
+        db.session.execute(sa.select(OneTimeToken).where(OneTimeToken.purpose == "invitation").with_for_update())
+        for count, racer in enumerate(racers, 1):
+            racer.start()
+            wait_for(*racers[:count])
+        db.session.rollback()
+    for racer in racers:
+        racer.join(10)
+
+    assert results["demotion"].status_code == 200, results["demotion"].get_json()
+    with app.app_context():
+        invitation = db.session.scalar(sa.select(OneTimeToken).where(OneTimeToken.purpose == "invitation"))
+        erin = db.session.scalar(sa.select(User).where(User.email == "erin@example.com"))
+    if results["acceptance"].status_code == 201:
+        assert (invitation.used_at is not None, invitation.revoked_at, erin.is_admin) == (True, None, True)
+        assert results["demotion"].get_json()["message"] == "User updated."  # nothing left to revoke
+    else:
+        assert results["acceptance"].get_json() == INVALID
+        assert (invitation.used_at, invitation.revoked_at is not None, erin) == (None, True, None)
+    if POSTGRES_URL:  # a row's lock goes to its waiters in the order they came; SQLite's waiters retry, in any order
+        assert results["acceptance"].status_code == {"acceptance": 201, "demotion": 400}[first]
+
+
+@contextmanager
+def lock_waits() -> Iterator[Callable[..., None]]:
+    """``wait_for(*threads)``: until the requests of ``threads`` wait for a lock this test holds, in this app context.
+
+    PostgreSQL lists lock waits in pg_stat_activity. SQLite has no row locks but one writer at a time, and every
+    transaction begins by taking the write lock (BEGIN IMMEDIATE: models._begin_sqlite), which waits while the test
+    holds it: a thread is counted as it sends that, and from then on it waits (for at most the driver's busy timeout,
+    5 s)."""
+    began, changed = set(), threading.Condition()
+
+    def seen(_connection, _cursor, statement, *_args) -> None:
+        if statement == "BEGIN IMMEDIATE":
+            with changed:
+                began.add(threading.current_thread())
+                changed.notify_all()
+
+    def wait_for(*threads: threading.Thread) -> None:
+        if POSTGRES_URL:
+            wait_for_lock_waits(len(threads))
+            return
+        with changed:
+            if not changed.wait_for(lambda: began.issuperset(threads), timeout=10):
+                pytest.fail(f"{len(threads)} requests never came to wait for SQLite's write lock")
+
+    if POSTGRES_URL:
+        yield wait_for
+        return
+    sa.event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        yield wait_for
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", seen)
 
 
 def wait_for_lock_waits(count: int, timeout: float = 10) -> None:
@@ -423,7 +564,7 @@ def wait_for_lock_waits(count: int, timeout: float = 10) -> None:
         if waiting >= count:
             return
         time.sleep(0.01)
-    pytest.fail(f"{count} requests never waited for the invitation's row")
+    pytest.fail(f"{count} requests never waited for the lock the test holds")
 
 
 @pytest.mark.own_database  # two requests on two connections, with real commits
@@ -434,15 +575,16 @@ def test_two_invitations_to_one_address_at_once_leave_one_pending(app, admin, ma
     def send() -> None:
         results.append(app.test_client().post("/api/invitations", json=ERIN, headers=headers).status_code)
 
-    with app.app_context():
+    senders = [threading.Thread(target=send) for _ in range(2)]
+    with app.app_context(), lock_waits() as wait_for:
         if POSTGRES_URL:  # the advisory lock the view takes for this address, held here first
             key = sa.text("SELECT pg_advisory_xact_lock(:key)")
             db.session.execute(key, {"key": advisory_key("erin@example.com")})
-        senders = [threading.Thread(target=send) for _ in range(2)]
+        else:
+            db.session.connection()  # SQLite's write lock, taken as the transaction begins
         for sender in senders:
             sender.start()
-        if POSTGRES_URL:
-            wait_for_lock_waits(2)
+        wait_for(*senders)
         db.session.rollback()
     for sender in senders:
         sender.join(10)

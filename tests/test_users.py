@@ -1,8 +1,13 @@
+import re
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
+import tokens
 from helpers import PASSWORD, PUBLIC_USER_FIELDS, assert_error, tokens_for
+from models import OneTimeToken, db
 
 
 def test_list_users_returns_active_users_by_name(client, auth_headers, make_user, user):
@@ -137,6 +142,53 @@ def test_reactivation_does_not_revive_old_tokens(client, admin_headers, user, au
 
     assert_error(client.get("/api/tasks", headers=auth_headers), 401)
     assert client.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}).status_code == 200
+
+
+LINK = re.compile(r"http://localhost:4200/(reset-password|confirm-email-change)\?token=([A-Za-z0-9_-]+)")
+
+
+def emailed_links(mailbox) -> dict[tuple[str, str], str]:
+    """The tokens of the links in the email sent now, by recipient and page."""
+    return {
+        (message["To"], link.group(1)): link.group(2)
+        for message in mailbox.deliver()
+        for link in LINK.finditer(message.get_body(("plain",)).get_content())
+    }
+
+
+def test_deactivation_revokes_the_links_emailed_to_the_account(app, client, admin_headers, user, other_user, mailbox):
+    headers = {"Authorization": f"Bearer {tokens_for(app, user['id'])['access_token']}"}
+    for email in (user["email"], other_user["email"]):
+        assert client.post("/api/auth/forgot-password", json={"email": email}).status_code == 202
+    moving = {"email": "alice@example.org", "password": PASSWORD}
+    assert client.post("/api/auth/me/email", json=moving, headers=headers).status_code == 202
+    links = emailed_links(mailbox)
+    with app.app_context():
+        tokens.issue(
+            "email_verification", user["email"], lifetime=timedelta(hours=48), now=datetime.now(UTC),
+            user_id=uuid.UUID(user["id"]),
+        )  # fmt: skip
+        db.session.commit()
+
+    admin_patch(client, admin_headers, user["id"], is_active=False)
+    assert admin_patch(client, admin_headers, user["id"], is_active=True).status_code == 200
+
+    def reset(email: str):
+        token = links[(email, "reset-password")]
+        return client.post("/api/auth/reset-password", json={"token": token, "password": "a-new-long-passphrase"})
+
+    assert_error(reset(user["email"]), 400, "token")
+    confirm = client.post(
+        "/api/auth/confirm-email-change", json={"token": links[("alice@example.org", "confirm-email-change")]}
+    )
+    assert_error(confirm, 400, "token")
+    with app.app_context():
+        alices = db.session.scalars(sa.select(OneTimeToken).where(OneTimeToken.user_id == uuid.UUID(user["id"])))
+        assert sorted((link.purpose, link.revoked_at is not None) for link in alices) == [
+            ("email_change", True), ("email_verification", True), ("password_reset", True),
+        ]  # fmt: skip
+    assert client.post("/api/auth/login", json={"username": "alice", "password": PASSWORD}).status_code == 200
+    assert reset(other_user["email"]).status_code == 200  # someone else's link works still
 
 
 def test_granting_admin_takes_effect_at_once(client, admin_headers, user, auth_headers):
