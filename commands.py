@@ -22,7 +22,18 @@ from sqlalchemy import delete, func, insert, inspect, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config import DEFAULT_ADMIN_PASSWORD, ConfigError, startup_lock
-from models import IdempotencyKey, LoginSession, RevokedToken, Task, TaskEvent, User, db, utcnow
+from models import (
+    IdempotencyKey,
+    LoginSession,
+    OneTimeToken,
+    OutboxMessage,
+    RevokedToken,
+    Task,
+    TaskEvent,
+    User,
+    db,
+    utcnow,
+)
 from routes.auth import create_user, duplicate_user
 from routes.docs import openapi_document
 from routes.errors import describe_validation, is_transient
@@ -70,15 +81,27 @@ def create_admin_command(username: str | None, email: str | None, full_name: str
     click.echo(f"Created administrator '{data['username']}'.")
 
 
+# How long dead single-use links and sent emails are kept after they could matter: the invitations' list shows a
+# link's fate, and the outbox's rows what was sent when, for a month.
+KEPT_AFTER_USE = timedelta(days=30)
+
+
 @click.command("purge-tokens")
 @with_appcontext
 def purge_tokens_command() -> None:
-    """Delete blocklist entries and login sessions whose tokens have all expired (safe to run at any time)."""
+    """Delete what has expired: blocklist entries and login sessions whose tokens have all expired, emailed links
+    expired over 30 days ago, and emails sent over 30 days ago (safe to run at any time)."""
     now = utcnow()
     revoked = db.session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= now)).rowcount
     sessions = db.session.execute(delete(LoginSession).where(LoginSession.expires_at <= now)).rowcount
+    links = db.session.execute(delete(OneTimeToken).where(OneTimeToken.expires_at <= now - KEPT_AFTER_USE)).rowcount
+    sent = OutboxMessage.sent_at <= now - KEPT_AFTER_USE  # failed ones stay, for an administrator to see
+    emails = db.session.execute(delete(OutboxMessage).where(OutboxMessage.state == "sent", sent)).rowcount
     db.session.commit()
-    click.echo(f"Purged {revoked} expired blocklist entries and {sessions} expired login sessions.")
+    click.echo(
+        f"Purged {revoked} expired blocklist entries, {sessions} expired login sessions, {links} emailed links "
+        f"expired over 30 days ago and {emails} emails sent over 30 days ago."
+    )
 
 
 @click.command("new-accounts-epoch")

@@ -8,8 +8,10 @@ from flask_jwt_extended import create_access_token, create_refresh_token, decode
 from sqlalchemy import func, select
 from werkzeug.security import generate_password_hash
 
+import outbox
 from helpers import FAST_HASH, PASSWORD, assert_error, tokens_for
-from models import LoginSession, RevokedToken, User, db
+from models import LoginSession, OneTimeToken, OutboxMessage, RevokedToken, User, db
+from tokens import issue as issue_link
 
 
 def bearer(token: str) -> dict:
@@ -236,7 +238,20 @@ def test_changing_the_password_needs_an_access_token(client, user):
 
 def test_purge_tokens_removes_only_expired_rows(app, runner, user):
     now = datetime.now(UTC)
+    month = timedelta(days=30)
     with app.app_context():
+        for email, expired in (
+            ("old@example.com", now - month - timedelta(minutes=1)),
+            ("kept@example.com", now - month + timedelta(minutes=1)),
+        ):
+            issue_link("password_reset", email, lifetime=timedelta(hours=1), now=expired - timedelta(hours=1))
+        for key, sent_at in (
+            ("old", now - month - timedelta(minutes=1)),
+            ("kept", now - month + timedelta(minutes=1)),
+            ("failed", None),
+        ):
+            message = outbox.add("password_reset", f"{key}@example.com", key, {}, now - 2 * month)
+            message.state, message.sent_at = ("sent", sent_at) if sent_at else ("failed", None)
         for jti, expires_at in (("old-token", now - timedelta(seconds=1)), ("live-token", now + timedelta(hours=1))):
             db.session.add(RevokedToken(jti=jti, expires_at=expires_at))
         for refresh_jti, expires_at in (("old", now - timedelta(days=1)), ("live", now + timedelta(days=1))):
@@ -246,10 +261,15 @@ def test_purge_tokens_removes_only_expired_rows(app, runner, user):
     result = runner.invoke(args=["purge-tokens"])
 
     assert result.exit_code == 0, result.output
-    assert "Purged 1 expired blocklist entries and 1 expired login sessions." in result.output
+    assert (
+        "Purged 1 expired blocklist entries, 1 expired login sessions, 1 emailed links expired over 30 days ago and 1 "
+        "emails sent over 30 days ago." in result.output
+    )
     with app.app_context():
         assert set(db.session.scalars(select(RevokedToken.jti))) == {"live-token"}
         assert set(db.session.scalars(select(LoginSession.refresh_jti))) == {"live"}
+        assert set(db.session.scalars(select(OneTimeToken.email))) == {"kept@example.com"}
+        assert set(db.session.scalars(select(OutboxMessage.event_key))) == {"kept", "failed"}
 
 
 @pytest.mark.app_config(PASSWORD_HASH_METHOD="pbkdf2:sha256:1000")
