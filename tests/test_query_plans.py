@@ -206,7 +206,7 @@ CHANGES = {"note": "Called back.", "task_type": "Meeting"}
 
 # The one place to change when a change alters what a request sends on purpose (a round trip saved, say): a wrong
 # count fails with the statements the request sent and their plans. Each count but those of health, login and the
-# requests that ask for or follow a link by email (forgot_password, reset_password) includes the token check (the
+# requests that ask for or follow a link by email (forgot_password, reset_password, resend_verification) includes the token check (the
 # caller and the token's revocation, in one statement). The list sends the token check and the page with its people
 # joined in and its total (from task_counts, or from entity_name_counts for the entity name and the status, or a
 # COUNT for other filters) in a scalar subquery.
@@ -273,6 +273,13 @@ ENDPOINTS = {
     # purpose and address), the new one, its email.
     "invite":                 Endpoint(6, "POST", "/api/invitations", ("ix_one_time_tokens_purpose_email",),
                                        INVITATION),
+    # The link read (by its hash), then used, its administrator still one, the new account, its session.
+    "accept_invitation":      Endpoint(5, "POST", "/api/auth/accept-invitation", ("uq_one_time_tokens_token_hash",),
+                                       "accept"),
+    # The account waiting at the address (none: staff06 is verified), its earlier links revoked (by purpose and
+    # address), the new token, its email: the same statements whatever the address.
+    "resend_verification":    Endpoint(4, "POST", "/api/auth/resend-verification",
+                                       ("ix_one_time_tokens_purpose_email",), {"email": "staff06@example.com"}),
 }
 # fmt: on
 
@@ -336,7 +343,7 @@ def headers(app) -> dict:
 @pytest.fixture(scope="module")
 def ids(app, headers) -> dict:
     """The values the ``ENDPOINTS`` paths and bodies name: tasks picked by a fixed rule, cursors as the list gives
-    them, a password reset link of staff04's as the app issues it. The writes change a task each, and the bulk
+    them, a password reset link of staff04's and staff01's invitation as the app issues them. The writes change a task each, and the bulk
     update 1,000 others."""
     client = app.test_client()
 
@@ -354,8 +361,13 @@ def ids(app, headers) -> dict:
         _, reset = tokens.issue(
             "password_reset", "staff04@example.com", lifetime=timedelta(hours=1), now=now, user_id=uuid.UUID(person(4))
         )
+        _, invitation = tokens.issue(
+            "invitation", "joiner@example.org", lifetime=timedelta(days=7), now=now, created_by_id=uuid.UUID(person(1)),
+            data={"full_name": "Jo Iner", "is_admin": False},
+        )  # fmt: skip
         db.session.commit()
     return {
+        "accept": {"token": invitation, "username": "joiner", "password": NEW_PASSWORD},
         "open_task": live_open[0],
         "updated_task": live_open[1],
         "closing_task": live_open[2],
