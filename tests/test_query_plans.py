@@ -206,10 +206,10 @@ CHANGES = {"note": "Called back.", "task_type": "Meeting"}
 
 # The one place to change when a change alters what a request sends on purpose (a round trip saved, say): a wrong
 # count fails with the statements the request sent and their plans. Each count but those of health, login and the
-# requests that ask for or follow a link by email (forgot_password, reset_password, resend_verification) includes the token check (the
-# caller and the token's revocation, in one statement). The list sends the token check and the page with its people
-# joined in and its total (from task_counts, or from entity_name_counts for the entity name and the status, or a
-# COUNT for other filters) in a scalar subquery.
+# requests that ask for or follow a link by email (forgot_password, reset_password, accept_invitation,
+# resend_verification) includes the token check (the caller and the token's revocation, in one statement). The list
+# sends the token check and the page with its people joined in and its total (from task_counts, or from
+# entity_name_counts for the entity name and the status, or a COUNT for other filters) in a scalar subquery.
 # fmt: off
 ENDPOINTS = {
     "health":                 Endpoint(1, "GET", "/api/health"),
@@ -343,8 +343,8 @@ def headers(app) -> dict:
 @pytest.fixture(scope="module")
 def ids(app, headers) -> dict:
     """The values the ``ENDPOINTS`` paths and bodies name: tasks picked by a fixed rule, cursors as the list gives
-    them, a password reset link of staff04's and staff01's invitation as the app issues them. The writes change a task each, and the bulk
-    update 1,000 others."""
+    them, a password reset link of staff04's and an invitation of staff01's as the app issues them. The writes change
+    a task each, and the bulk update 1,000 others."""
     client = app.test_client()
 
     def next_cursor(query: str) -> str:
