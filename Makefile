@@ -89,9 +89,10 @@ $(VENV)/.bench-installed: requirements.txt requirements-bench.txt | $(BIN)/pytho
 # Debian's wrk, the load generator of `make bench` and `make soak`: installed when missing.
 INSTALL_WRK = command -v wrk >/dev/null || { $(call APT_INSTALL,wrk); }
 
-bench: $(VENV)/.bench-installed  ## Benchmark beside a minimal app, targets as ratios (~12 min): bench/results.md, bench/profile.md (BENCH_ARGS=--quick)
+bench: $(VENV)/.bench-installed  ## Benchmark beside a minimal app, targets as ratios, then the outbox (~15 min): bench/results.md, bench/profile.md, bench/outbox.md (BENCH_ARGS=--quick)
 	@$(INSTALL_WRK)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/outbox.py $(OUTBOX_ARGS)
 
 bench-outbox: $(VENV)/.bench-installed  ## The outbox on PostgreSQL, Redis, 2 Celery workers and an SMTP sink (~3 min): bench/outbox.md (OUTBOX_ARGS=--messages 1000)
 	$(BIN)/python bench/outbox.py $(OUTBOX_ARGS)
