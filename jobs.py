@@ -76,25 +76,27 @@ def send_message(message_id) -> str | None:
 def sweep(send: Callable[[object], object] = send_message, batch_size: int = 100) -> int:
     """Park the messages whose senders kept dying, then hand each message due now that no sender holds to ``send``
     (``send_message`` itself, or a function queuing it for a worker), ``batch_size`` at a time until none is left: how
-    many were handed. A message is noted as handed over in the transaction that selects it (``outbox.handed_over``),
-    so that two sweeps at once split the work and the next sweep leaves it to its sender; one that could not be
-    handed over is the next sweep's again. A message also queued by its commit is harmless: only one claim of it
-    succeeds."""
+    many were handed. Each due message is read once, in order, however many there are. A message is noted as handed
+    over in the transaction that selects it (``outbox.handed_over``), so that two sweeps at once split the work and
+    the next sweep leaves it to its sender; one that could not be handed over is the next sweep's again. A message
+    also queued by its commit is harmless: only one claim of it succeeds."""
     outbox.park_abandoned(utcnow())
     db.session.commit()
-    handed = 0
+    handed, after = 0, None
     while True:
         now = utcnow()
-        batch = outbox.due(now, batch_size)
-        outbox.handed_over(batch, now)
+        batch = outbox.due(now, batch_size, after)
+        message_ids = [message_id for message_id, _ in batch]
+        outbox.handed_over(message_ids, now)
         db.session.commit()  # releases the rows the selection locked
-        kept = [message_id for message_id in batch if not hand_to(send, message_id)]
+        kept = [message_id for message_id in message_ids if not hand_to(send, message_id)]
         handed += len(batch) - len(kept)
         if kept:  # the broker away, say: the rest waits for the next sweep
             outbox.handed_over(kept, None)
             db.session.commit()
         if kept or len(batch) < batch_size:
             return handed
+        after = batch[-1]
 
 
 def hand_to(send: Callable[[object], object], message_id) -> bool:
@@ -218,9 +220,12 @@ class CeleryRunner(Runner):
     loses nothing: the message waits in the outbox for the sweep."""
 
     def send_all(self, message_ids: list) -> None:
-        sent = [message_id for message_id in message_ids if self.publish(message_id)]
-        outbox.handed_over(sent, utcnow())  # the sweep leaves them to the workers
+        outbox.handed_over(message_ids, utcnow())  # first: a worker's claim must find it done, and undo it
         db.session.commit()
+        kept = [message_id for message_id in message_ids if not self.publish(message_id)]
+        if kept:  # the sweep's, then
+            outbox.handed_over(kept, None)
+            db.session.commit()
 
     def publish(self, message_id) -> bool:
         try:

@@ -20,7 +20,7 @@ from email.utils import format_datetime, formataddr
 from pathlib import Path
 
 from flask import current_app
-from jinja2 import Environment, StrictUndefined
+from jinja2 import Environment, StrictUndefined, Template
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class TransientMailError(MailError):
 
 
 def compose(kind: str, to: str, context: dict, message_id: str, date: datetime | None = None) -> EmailMessage:
-    """The email ``kind`` for ``to``: plain text and HTML from ``mail/<kind>.txt`` and ``mail/<kind>.html`` (whose
-    first line is the subject). ``message_id`` is the outbox row's id, so every attempt at one row carries the same
+    """The email ``kind`` for ``to``: plain text and HTML from ``mail/<kind>.txt`` (which sets the subject) and
+    ``mail/<kind>.html``. ``message_id`` is the outbox row's id, so every attempt at one row carries the same
     Message-ID (a duplicate after a crash is then recognisable); ``date`` defaults to now."""
     config = current_app.config
     if not config["MAIL_FROM"]:
@@ -52,30 +52,31 @@ def compose(kind: str, to: str, context: dict, message_id: str, date: datetime |
     if not MESSAGE_ID_LOCAL_PART.fullmatch(message_id):
         raise ValueError(f"message_id must be letters, digits, '.', '_' or '-', not {message_id!r}")
     context = {"firm_name": config["FIRM_NAME"], **context}
-    subject, _, text = render(f"mail/{kind}.txt", context).lstrip().partition("\n")
+    text = template(f"mail/{kind}.txt").make_module(context)
 
     message = EmailMessage()
-    message["Subject"] = " ".join(subject.split())  # one line, whatever a name in it holds
+    message["Subject"] = " ".join(str(text.subject).split())  # one line, whatever a name in it holds
     message["From"] = formataddr((config["FIRM_NAME"], config["MAIL_FROM"]))
     message["To"] = to
     if len(message["To"].addresses) != 1:
         raise ValueError(f"One recipient per message, not {to!r}")
     message["Date"] = format_datetime(date or datetime.now(UTC))
     message["Message-ID"] = f"<{message_id}@{config['MAIL_MESSAGE_ID_DOMAIN']}>"
-    message.set_content(text.lstrip("\n"))
-    message.add_alternative(render(f"mail/{kind}.html", context), subtype="html")
+    message.set_content(str(text).lstrip("\n"))
+    message.add_alternative(template(f"mail/{kind}.html").render(**context), subtype="html")
     return message
 
 
-def render(template: str, context: dict) -> str:
-    """A mail template rendered strictly: a value the template names and the context lacks is an error, not an
-    empty link in someone's inbox. The app's templates and autoescaping (.html only), without its request globals."""
+def template(name: str) -> Template:
+    """A mail template, rendered strictly: a value the template names and the context lacks is an error, not an
+    empty link in someone's inbox. The app's templates and autoescaping (.html only), without its request globals.
+    A .txt template sets ``subject``; what it renders is the plain-text body."""
     environment: Environment | None = current_app.extensions.get("mail_templates")
     if environment is None:
         environment = current_app.extensions["mail_templates"] = current_app.jinja_env.overlay(
             undefined=StrictUndefined
         )
-    return environment.get_template(template).render(**context)
+    return environment.get_template(name)
 
 
 def deliver(message: EmailMessage) -> None:

@@ -785,6 +785,7 @@ class OutboxMessage(db.Model):
         Index(
             "ix_outbox_messages_due",
             "next_attempt_at",
+            "id",
             postgresql_where=text("state IN ('pending', 'sending')"),
             sqlite_where=text("state IN ('pending', 'sending')"),
         ),

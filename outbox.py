@@ -8,7 +8,7 @@ clock. Models: ``models.OutboxMessage``."""
 import random
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, or_, select, true, tuple_, update
 
 from models import OutboxMessage, db, insert
 
@@ -22,9 +22,10 @@ BACKOFF_CAP = timedelta(hours=1)
 # After this many attempts a message is parked as failed, for an administrator to see and retry.
 MAX_ATTEMPTS = 8
 DUE = ("pending", "sending")
-# A message handed to a sender (the broker, usually) is handed over again only after this long without being claimed:
-# long enough that the sweep does not queue a second copy of a backlog the workers are still working through, short
-# enough that a message the broker lost (Redis restarted without its data) goes out soon after.
+# A message handed to the broker is handed over again only after this long without a claim: short enough that one the
+# broker lost (Redis restarted without its data) goes out soon after, long enough that the sweep queues no second copy
+# of a backlog the workers drain within it (some 140,000 messages at bench/outbox.md's 157 a second; a longer one
+# gets its second copies, which cost the workers a claim that fails, and no email).
 HAND_OVER_AGAIN_AFTER = timedelta(minutes=15)
 QUEUED = "outbox_queued"  # session.info: ids of the messages this transaction queued, handed to senders at commit
 
@@ -50,7 +51,8 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
     its next attempt, or claimed by another sender). One conditional UPDATE: of two senders claiming it at once,
     PostgreSQL makes the second wait for the first and then finds it no longer due; SQLite has one writer at a time.
     The attempt is counted here, before sending, so a message that kills its sender every time is claimed at most
-    MAX_ATTEMPTS times, then parked by ``park_abandoned``."""
+    MAX_ATTEMPTS times, then parked by ``park_abandoned``. The hand-over that brought the message here is spent: once
+    due again (after a failure's backoff, or this lease), the sweep hands it over again."""
     statement = (
         update(OutboxMessage)
         .where(
@@ -59,7 +61,7 @@ def claim(message_id, now: datetime) -> OutboxMessage | None:
             OutboxMessage.next_attempt_at <= now,
             OutboxMessage.attempts < MAX_ATTEMPTS,
         )
-        .values(state="sending", attempts=OutboxMessage.attempts + 1, next_attempt_at=now + LEASE)
+        .values(state="sending", attempts=OutboxMessage.attempts + 1, next_attempt_at=now + LEASE, handed_over_at=None)
         .returning(OutboxMessage)
         .execution_options(populate_existing=True)
     )
@@ -125,32 +127,36 @@ def park_abandoned(now: datetime) -> int:
     return db.session.execute(statement).rowcount
 
 
-def due(now: datetime, limit: int = 100) -> list:
-    """Ids of messages due now that no sender is holding, oldest first, for the sweep to hand to senders: due, and not
-    handed over since they became due (new, a retry after its backoff, a sender's lease run out), or handed over so
-    long ago that the hand-over was lost. On PostgreSQL rows another sweep has locked are skipped (two sweeps at once
-    split the work); handing a message out twice is harmless anyway, as only one claim of it succeeds."""
+def due(now: datetime, limit: int = 100, after=None) -> list:
+    """The messages due now that no sender holds, as (id, next_attempt_at) rows in that order, after ``after`` if
+    given (the last row of the batch before, to page through them): due, and not handed over since their last claim
+    (new, a retry after its backoff, a sender's lease run out), or handed over so long ago that the hand-over was
+    lost. On PostgreSQL rows another sweep has locked are skipped (two sweeps at once split the work); handing a
+    message out twice is harmless anyway, as only one claim of it succeeds."""
+    position = tuple_(OutboxMessage.next_attempt_at, OutboxMessage.id)
+    next_batch = true() if after is None else position > tuple_(after.next_attempt_at, after.id)
     query = (
-        select(OutboxMessage.id)
+        select(OutboxMessage.id, OutboxMessage.next_attempt_at)
         .where(
             OutboxMessage.state.in_(DUE),
             OutboxMessage.next_attempt_at <= now,
             or_(
                 OutboxMessage.handed_over_at.is_(None),
-                OutboxMessage.handed_over_at < OutboxMessage.next_attempt_at,
                 OutboxMessage.handed_over_at <= now - HAND_OVER_AGAIN_AFTER,
             ),
+            next_batch,
         )
         .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list(db.session.scalars(query))
+    return list(db.session.execute(query))
 
 
 def handed_over(message_ids: list, now: datetime | None) -> None:
-    """Note that these messages were handed to senders at ``now``: ``due`` leaves them out until that is
-    HAND_OVER_AGAIN_AFTER ago, or they are due again (``now`` None: they were not, after all)."""
+    """Note that these messages are handed to senders at ``now``, before they are (so that no claim can come first):
+    ``due`` leaves them out until a claim makes them due again, or HAND_OVER_AGAIN_AFTER has passed. ``now`` None:
+    they could not be handed over after all."""
     if message_ids:
         statement = (
             update(OutboxMessage)

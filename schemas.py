@@ -182,7 +182,9 @@ def email_field(**kwargs) -> Lowercase:
 
 # One line of text: a name goes into emails' subjects and greetings, where a line break or another control character
 # would break the header or the layout. (Trimmed strips a last line break, which "$" would let through.)
-ONE_LINE = Regexp(r"^[^\x00-\x1f\x7f-\x9f]*$", error="Must be one line of text, without control characters.")
+ONE_LINE = Regexp(
+    r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$", error="Must be one line of text, without control characters."
+)
 
 
 def full_name_field(**kwargs) -> Trimmed:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from models import TOKEN_PURPOSES, OneTimeToken, db
+from models import TOKEN_PURPOSES, OneTimeToken, User, db
 
 # Longer than any token_urlsafe(32) (43 characters) by a margin; anything longer is not one of ours.
 MAX_TOKEN_LENGTH = 128
@@ -95,6 +95,23 @@ def consume(purpose: str, raw: str, now: datetime) -> OneTimeToken | None:
     return db.session.scalars(statement).first()
 
 
+def consume_for_account(purpose: str, raw: str, now: datetime) -> tuple[OneTimeToken, User] | None:
+    """Use a token that acts on an account, locking the account (FOR NO KEY UPDATE) before the token: the token and
+    the account, or None (as ``consume``, and when the token names no account or the account is gone).
+
+    The account first, then its links, is the order of every request that locks both (a resend, an email change, a
+    deactivation): two requests taking them in opposite orders at once could each hold what the other waits for, and
+    PostgreSQL would end one of them as a deadlock."""
+    found = find(purpose, raw, now)
+    if found is None or found.user_id is None:
+        return None
+    user = db.session.get(User, found.user_id, with_for_update={"key_share": True})
+    token = consume(purpose, raw, now)
+    if user is None or token is None:
+        return None
+    return token, user
+
+
 def find(purpose: str, raw: str, now: datetime) -> OneTimeToken | None:
     """A token still good for ``purpose``, without using it (to show what a link is for before it is acted on), or
     None. Not a check before ``consume``: between the two another request may use it; ``consume`` decides."""
@@ -110,17 +127,20 @@ def revoke(
     *,
     user_id: uuid.UUID | None = None,
     email: str | None = None,
+    created_by_id: uuid.UUID | None = None,
 ) -> int:
     """Revoke the outstanding tokens for ``purpose`` (or any of several, such as ACCOUNT_LINKS) of an account
-    (``user_id``) or an address (``email``, exactly as stored): how many. Used and expired
-    tokens are left as they are."""
-    if user_id is None and email is None:
-        raise ValueError("revoke needs a user_id or an email")
+    (``user_id``), an address (``email``, exactly as stored) or a sender (``created_by_id``): how many. Used and
+    expired tokens are left as they are."""
+    if user_id is None and email is None and created_by_id is None:
+        raise ValueError("revoke needs a user_id, an email or a created_by_id")
     conditions = list(_live(purpose, now))
     if user_id is not None:
         conditions.append(OneTimeToken.user_id == user_id)
     if email is not None:
         conditions.append(OneTimeToken.email == email)
+    if created_by_id is not None:
+        conditions.append(OneTimeToken.created_by_id == created_by_id)
     statement = (
         update(OneTimeToken).where(*conditions).values(revoked_at=now).execution_options(synchronize_session=False)
     )

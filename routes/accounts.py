@@ -109,11 +109,9 @@ def reset_password():
     """
     data = load_json(ResetPasswordSchema())
     now = utcnow()
-    token = tokens.consume("password_reset", data["token"], now)  # an error below rolls this back
-    if token is None or token.user_id is None:
-        raise invalid_reset()
-    # Locked: a login in flight finishes first, and its session is ended below with the others.
-    user = db.session.get(User, token.user_id, with_for_update={"key_share": True})
+    # The account locked (a login in flight finishes first, and its session is ended below with the others), and the
+    # token used; an error below rolls this back.
+    token, user = tokens.consume_for_account("password_reset", data["token"], now) or (None, None)
     if user is None or not user.is_active or user.email != token.email:
         raise invalid_reset()
     check_password_policy(data["password"], user.username, user.email)
@@ -226,10 +224,8 @@ def confirm_email_change():
     """
     data = load_json(EmailChangeConfirmSchema())
     now = utcnow()
-    token = tokens.consume("email_change", data["token"], now)  # an error below rolls this back
-    if token is None or token.user_id is None:
-        raise invalid_email_change()
-    user = db.session.get(User, token.user_id, with_for_update={"key_share": True})
+    # The account locked, and the token used; an error below rolls this back.
+    token, user = tokens.consume_for_account("email_change", data["token"], now) or (None, None)
     if user is None or not user.is_active or (token.data or {}).get("old_email") != user.email:
         raise invalid_email_change()  # the account is gone, or its address changed since the link was sent
     old_email = user.email

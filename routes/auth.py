@@ -60,8 +60,8 @@ INVALID_VERIFICATION = (
     "This verification link is not valid: it was used or replaced by a newer one, or it expired. Ask for a new one."
 )
 RESEND_ANSWER = (
-    "An email is on its way to this address: if an account there is waiting for verification, it holds a new link, "
-    "which works for 48 hours (only the newest link works)."
+    "If an account with this address is waiting for verification, a new link is on its way to it: it works for 48 "
+    "hours, and only the newest link works."
 )
 
 # Cached token owners live this long at most: how late an account change can reach another instance if Redis was
@@ -522,9 +522,8 @@ def verify_email():
     """
     data = load_json(VerifyEmailSchema())
     now = utcnow()
-    token = tokens.consume("email_verification", data["token"], now)
-    user = token and token.user_id and db.session.get(User, token.user_id, with_for_update={"key_share": True})
-    if not user or user.email != token.email:  # the account changed its address since: this link is not for it
+    token, user = tokens.consume_for_account("email_verification", data["token"], now) or (None, None)
+    if user is None or user.email != token.email:  # the account changed its address since: this link is not for it
         raise invalid_verification()
     if not user.is_active:
         raise APIError(ACCOUNT_GONE, 403)
@@ -541,21 +540,29 @@ def resend_verification():
     """Ask for a new verification link for an address: the same 202, after the same work, whether or not an account
     waits for verification there, so it tells nobody which addresses have accounts.
 
-    An account waiting at the address gets a new link, which replaces the earlier ones; any other address gets an
-    email saying that nothing there waits for verification (an account verified already just signs in).
-    RATELIMIT_ACCOUNT_EMAIL bounds what one address is sent (3 emails an hour and 10 a day by default, counted with
-    password resets and address changes): past it, asking is a 429 for that address, whatever it is.
+    Only with REGISTRATION=domain, where accounts wait for verification, and for an address at one of
+    ALLOWED_EMAIL_DOMAINS (else the registration's 403); in any other mode the answer is the same 202 and nothing is
+    sent. An account waiting at the address gets a new link, which replaces the earlier ones; any other address gets
+    an email saying that nothing there waits for verification. RATELIMIT_ACCOUNT_EMAIL bounds what one address is
+    sent (3 emails an hour and 10 a day by default, counted with password resets and address changes): past it,
+    asking is a 429 for that address, whatever it is.
     ---
     security: []
     requestBody: {required: true, content: {application/json: {schema: ResendVerificationSchema}}}
     responses:
       202: {description: Accepted., content: {application/json: {schema: MessageSchema}}}
+      403:
+        description: The email's domain is not one of ALLOWED_EMAIL_DOMAINS (details.email names the accepted ones).
+        content: {application/json: {schema: ErrorSchema}}
     """
     email = load_json(ResendVerificationSchema())["email"]
+    if current_app.config["REGISTRATION"] != "domain":
+        return {"message": RESEND_ANSWER}, 202  # no account waits for verification: nobody is sent anything
+    refuse_outside_domains(email)
     spend_email_to(email)
     now = utcnow()
-    # Locked, so that requests at once for one account take turns and only the newest link works (FOR NO KEY UPDATE:
-    # nothing that only refers to the account waits).
+    # Locked (FOR NO KEY UPDATE), so that requests at once for one account take turns and only the newest link works;
+    # the account before its links, as in every request that locks both (tokens.consume_for_account).
     waiting = select(User).where(User.email == email, User.is_active, User.email_verified_at.is_(None))
     send_verification(email, now, db.session.scalar(waiting.with_for_update(key_share=True)))
     db.session.commit()

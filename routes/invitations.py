@@ -229,6 +229,10 @@ def revoke_invitation(invitation_id: uuid.UUID):
     return {"message": "Invitation revoked: its link no longer works.", "invitation": dump(token, invited_by, now)}
 
 
+def invalid_invitation() -> APIError:
+    return APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
+
+
 @bp.post("/auth/accept-invitation")
 def accept_invitation():
     """Accept an invitation: the account is created with the invited address (verified) and role, and signed in.
@@ -251,7 +255,7 @@ def accept_invitation():
     # Read first, to check the password against the invited address and the name; consume() below decides.
     invitation = tokens.find(PURPOSE, data["token"], now)
     if invitation is None:
-        raise APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
+        raise invalid_invitation()
     email, invited = invitation.email, invitation.data or {}
     full_name = data.get("full_name") or invited.get("full_name")
     if not full_name:
@@ -259,7 +263,7 @@ def accept_invitation():
     check_password_policy(data["password"], data["username"], email)
     token = tokens.consume(PURPOSE, data["token"], now)
     if token is None:  # used, or revoked, since it was read
-        raise APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
+        raise invalid_invitation()
     # The inviter must still be an active administrator: read after consume(), in its transaction, without a lock.
     # Deactivating or demoting them (PATCH /api/users/<id>) revokes their pending invitations with a conditional
     # UPDATE of these same rows, so that and consume() wait for each other: if the revocation came first, consume()
@@ -273,7 +277,7 @@ def accept_invitation():
     if not db.session.scalar(select(inviter_is_admin)):
         token.used_at, token.revoked_at = None, now  # never to be accepted: listed as revoked, not pending
         db.session.commit()
-        raise APIError(INVALID_TOKEN, 400, {"token": ["Not a valid invitation token."]})
+        raise invalid_invitation()
     user = create_user(data["username"], email, data["password"], full_name, bool(invited.get("is_admin")))
     user.email_verified_at = now  # the link reached the address
     try:

@@ -1,15 +1,14 @@
 """People: the assignment list, one's own profile, and the administrators' account controls."""
 
 import uuid
-from datetime import datetime
 
 from flask import Blueprint
 from flask_jwt_extended import current_user
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 import tokens
-from models import LoginSession, OneTimeToken, User, db, utcnow
+from models import LoginSession, User, db, utcnow
 from routes import load_args, load_json, no_store, require_login
 from routes.auth import create_user, duplicate_user, end_sessions
 from routes.errors import APIError
@@ -153,30 +152,11 @@ def update_user(user_id: uuid.UUID):
         # Nor old links: a reset link mailed before would otherwise work again once the account is reactivated.
         tokens.revoke(tokens.ACCOUNT_LINKS, now, user_id=user.id)
     if stepped_down:
-        revoked = revoke_invitations_sent_by(user.id, now)
+        # An invitation is only as good as the administrator behind it (accept-invitation checks the inviter too).
+        # A conditional UPDATE of the invitations, like the one that accepts one: of the two at once, one waits for
+        # the other, so an invitation ends up accepted before the demotion or revoked by it.
+        revoked = tokens.revoke("invitation", now, created_by_id=user.id)
         if revoked:
             message += f" The {revoked} pending invitation(s) they sent were revoked: their links no longer work."
     db.session.commit()
     return {"message": message, "user": user_schema.dump(user)}
-
-
-def revoke_invitations_sent_by(admin_id: uuid.UUID, now: datetime) -> int:
-    """Revoke the pending invitations ``admin_id`` sent: how many. An invitation is only as good as the administrator
-    behind it, so one who is deactivated or demoted takes theirs back (accept-invitation checks the inviter too).
-
-    A conditional UPDATE of the token rows, like the one that accepts an invitation: of this and an acceptance at
-    once, one waits for the other, so an invitation ends up either accepted before the demotion or revoked by it
-    (see routes/invitations.py). Used and expired invitations are left as they are, as tokens.revoke does."""
-    statement = (
-        update(OneTimeToken)
-        .where(
-            OneTimeToken.purpose == "invitation",
-            OneTimeToken.created_by_id == admin_id,
-            OneTimeToken.used_at.is_(None),
-            OneTimeToken.revoked_at.is_(None),
-            OneTimeToken.expires_at > now,
-        )
-        .values(revoked_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return db.session.execute(statement).rowcount

@@ -239,3 +239,54 @@ class Mailbox:
         new = sorted(set(self.folder().glob("*.eml")) - self.seen, key=lambda path: path.stat().st_mtime_ns)
         self.seen.update(new)
         return [message_from_bytes(path.read_bytes(), policy=policy.default) for path in new]
+
+
+@contextmanager
+def lock_waits() -> Iterator[Callable[..., None]]:
+    """``wait_for(*threads)``: until the requests of ``threads`` wait for a lock this test holds, in this app context.
+
+    PostgreSQL lists lock waits in pg_stat_activity. SQLite has no row locks but one writer at a time, and every
+    transaction begins by taking the write lock (BEGIN IMMEDIATE: models._begin_sqlite), which waits while the test
+    holds it: a thread is counted as it sends that, and from then on it waits (for at most the driver's busy timeout,
+    5 s)."""
+    began, changed = set(), threading.Condition()
+
+    def seen(_connection, _cursor, statement, *_args) -> None:
+        if statement == "BEGIN IMMEDIATE":
+            with changed:
+                began.add(threading.current_thread())
+                changed.notify_all()
+
+    def wait_for(*threads: threading.Thread) -> None:
+        if POSTGRES_URL:
+            wait_for_lock_waits(len(threads))
+            return
+        with changed:
+            if not changed.wait_for(lambda: began.issuperset(threads), timeout=10):
+                pytest.fail(f"{len(threads)} requests never came to wait for SQLite's write lock")
+
+    if POSTGRES_URL:
+        yield wait_for
+        return
+    sa.event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        yield wait_for
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", seen)
+
+
+def wait_for_lock_waits(count: int, timeout: float = 10) -> None:
+    """Until ``count`` other connections of this database wait for a lock (polled: nothing to be told by)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        db.session.execute(sa.text("SELECT pg_stat_clear_snapshot()"))  # the view is read once per transaction
+        waiting = db.session.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+        if waiting >= count:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"{count} requests never waited for the lock the test holds")

@@ -4,17 +4,14 @@ token, once, within 7 days, in every REGISTRATION mode; revoking, replacing, lis
 import hashlib
 import re
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
 import tokens
-from helpers import POSTGRES_URL, assert_error, token_for
+from helpers import POSTGRES_URL, assert_error, lock_waits, token_for
 from models import OneTimeToken, OutboxMessage, User, db
 from routes import invitations
 
@@ -514,57 +511,6 @@ def test_an_accept_and_the_inviters_demotion_at_once_end_one_way_or_the_other(ap
         assert (invitation.used_at, invitation.revoked_at is not None, erin) == (None, True, None)
     if POSTGRES_URL:  # a row's lock goes to its waiters in the order they came; SQLite's waiters retry, in any order
         assert results["acceptance"].status_code == {"acceptance": 201, "demotion": 400}[first]
-
-
-@contextmanager
-def lock_waits() -> Iterator[Callable[..., None]]:
-    """``wait_for(*threads)``: until the requests of ``threads`` wait for a lock this test holds, in this app context.
-
-    PostgreSQL lists lock waits in pg_stat_activity. SQLite has no row locks but one writer at a time, and every
-    transaction begins by taking the write lock (BEGIN IMMEDIATE: models._begin_sqlite), which waits while the test
-    holds it: a thread is counted as it sends that, and from then on it waits (for at most the driver's busy timeout,
-    5 s)."""
-    began, changed = set(), threading.Condition()
-
-    def seen(_connection, _cursor, statement, *_args) -> None:
-        if statement == "BEGIN IMMEDIATE":
-            with changed:
-                began.add(threading.current_thread())
-                changed.notify_all()
-
-    def wait_for(*threads: threading.Thread) -> None:
-        if POSTGRES_URL:
-            wait_for_lock_waits(len(threads))
-            return
-        with changed:
-            if not changed.wait_for(lambda: began.issuperset(threads), timeout=10):
-                pytest.fail(f"{len(threads)} requests never came to wait for SQLite's write lock")
-
-    if POSTGRES_URL:
-        yield wait_for
-        return
-    sa.event.listen(db.engine, "before_cursor_execute", seen)
-    try:
-        yield wait_for
-    finally:
-        sa.event.remove(db.engine, "before_cursor_execute", seen)
-
-
-def wait_for_lock_waits(count: int, timeout: float = 10) -> None:
-    """Until ``count`` other connections of this database wait for a lock (polled: nothing to be told by)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        db.session.execute(sa.text("SELECT pg_stat_clear_snapshot()"))  # the view is read once per transaction
-        waiting = db.session.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-            )
-        ).scalar()
-        if waiting >= count:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"{count} requests never waited for the lock the test holds")
 
 
 @pytest.mark.own_database  # two requests on two connections, with real commits

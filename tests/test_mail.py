@@ -57,13 +57,13 @@ def use_server(app, server: SmtpServer, **settings) -> None:
     )
 
 
-def test_a_name_with_a_line_break_cannot_add_a_header(app):  # names are one line now, but older ones may not be
-    invitation = {"inviter_name": "Mallory\rBcc: all@example.com\n", "full_name": None, "is_admin": False}
+def test_a_name_with_line_breaks_leaves_the_subject_whole_and_one_line(app):  # older names may have them
+    invitation = {"inviter_name": "Mallory\nBcc:\rall@example.com", "full_name": None, "is_admin": False}
     invitation |= {"link": "https://x.example/i", "expires_in": "7 days"}
     with app.app_context():
         message = compose("invitation", "kim@example.com", invitation, ROW_ID)
 
-    assert message["Subject"] == "Mallory Bcc: all@example.com"  # the first line of the template, one line
+    assert message["Subject"] == "Mallory Bcc: all@example.com invited you to FinStack's task manager"  # one line
     assert message["Bcc"] is None and "all@example.com" not in message["To"]
 
 

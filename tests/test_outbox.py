@@ -17,6 +17,10 @@ from models import OutboxMessage, db
 NOW = datetime(2026, 12, 3, 9, 0, tzinfo=UTC)
 
 
+def due_ids(now: datetime, **options) -> list:
+    return [row.id for row in outbox.due(now, **options)]
+
+
 def queue(event_key: str = "password-reset:1", recipient: str = "alice@example.com", now: datetime = NOW):
     return outbox.add("password_reset", recipient, event_key, {"link": "https://tasks.example/reset"}, now)
 
@@ -62,7 +66,7 @@ def test_sent_messages_are_never_claimed_again(app):
 
         assert (message.state, message.sent_at, message.last_error) == ("sent", NOW + timedelta(seconds=1), None)
         assert outbox.claim(message.id, NOW + timedelta(days=1)) is None
-        assert outbox.due(NOW + timedelta(days=1)) == []
+        assert due_ids(NOW + timedelta(days=1)) == []
 
 
 def test_a_failure_waits_a_random_backoff_that_doubles_up_to_its_cap(app):
@@ -127,27 +131,32 @@ def test_the_sweep_finds_due_messages_oldest_first(app):
         outbox.mark_sent(sent, NOW - timedelta(days=1))
         db.session.commit()
 
-        assert outbox.due(NOW) == [stuck, early, due_now]
-        assert outbox.due(NOW, limit=2) == [stuck, early]
+        assert due_ids(NOW) == [stuck, early, due_now]
+        first_two = outbox.due(NOW, limit=2)
+        assert [row.id for row in first_two] == [stuck, early]
+        assert due_ids(NOW, after=first_two[-1]) == [due_now]  # the next batch
 
 
 def test_a_message_handed_over_is_due_again_only_when_its_sender_could_not_have_it(app):
     with app.app_context():
-        waiting, retried, lost = (queue(event_key=key).id for key in ("waiting", "retried", "lost"))
-        outbox.handed_over([waiting, retried, lost], NOW)
+        keys = ("waiting", "retried", "abandoned", "lost")
+        waiting, retried, abandoned, lost = (queue(event_key=key).id for key in keys)
+        outbox.handed_over([waiting, retried, abandoned, lost], NOW)
         db.session.commit()
-        assert outbox.due(NOW) == []  # each with a sender (a worker, or queued for one)
+        assert due_ids(NOW) == []  # each with a sender (a worker, or queued for one)
 
         message = outbox.claim(retried, NOW + timedelta(seconds=1))
         outbox.mark_failed(message, "451 try again later", NOW + timedelta(seconds=2), rng=random.Random(1))
+        outbox.claim(abandoned, NOW + timedelta(seconds=1))  # and its sender dies
         db.session.commit()
         after_backoff = message.next_attempt_at
-        assert outbox.due(after_backoff) == [retried]  # due again, and no sender has it since
+        assert due_ids(after_backoff) == [retried]  # due again, and no sender has it since the claim
+        assert due_ids(NOW + timedelta(seconds=1) + outbox.LEASE) == [retried, abandoned]  # its lease is over
 
         lost_or_waiting = NOW + outbox.HAND_OVER_AGAIN_AFTER
-        assert set(outbox.due(lost_or_waiting)) == {waiting, retried, lost}  # the hand-over was lost: again
+        assert set(due_ids(lost_or_waiting)) == {waiting, retried, abandoned, lost}  # the hand-over was lost: again
         outbox.handed_over([lost], None)  # it could not be handed over after all
-        assert outbox.due(NOW) == [lost]
+        assert due_ids(NOW) == [lost]
 
 
 @pytest.mark.own_database  # two connections, with real commits
@@ -247,7 +256,7 @@ def test_a_message_that_kills_its_sender_every_time_is_parked_after_its_last_att
         parked = db.session.get(OutboxMessage, message_id)
         db.session.refresh(parked)
         assert parked.state == "failed" and "stopped during each of its 8 attempts" in parked.last_error
-        assert outbox.due(now + timedelta(days=1)) == []
+        assert due_ids(now + timedelta(days=1)) == []
 
 
 def test_a_late_failure_does_not_undo_a_claim_made_after_an_administrators_retry(app):
@@ -322,7 +331,7 @@ def test_an_administrator_sends_a_failed_message_again(app, client, admin_header
     message = response.get_json()["message"]
     assert (message["id"], message["state"], message["attempts"]) == (failed, "pending", 0)
     with app.app_context():
-        assert outbox.due(datetime.now(UTC)) == [uuid.UUID(failed)]
+        assert due_ids(datetime.now(UTC)) == [uuid.UUID(failed)]
     assert_error(client.post(f"/api/admin/outbox/{failed}/retry", headers=admin_headers), 409)  # pending now
     assert_error(client.post(f"/api/admin/outbox/{uuid.uuid4()}/retry", headers=admin_headers), 404)
 

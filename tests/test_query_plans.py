@@ -206,8 +206,8 @@ CHANGES = {"note": "Called back.", "task_type": "Meeting"}
 
 # The one place to change when a change alters what a request sends on purpose (a round trip saved, say): a wrong
 # count fails with the statements the request sent and their plans. Each count but those of health, login and the
-# requests that ask for or follow a link by email (forgot_password, reset_password, accept_invitation,
-# resend_verification) includes the token check (the caller and the token's revocation, in one statement). The list
+# requests that ask for or follow a link by email (forgot_password, reset_password, accept_invitation) includes the
+# token check (the caller and the token's revocation, in one statement). The list
 # sends the token check and the page with its people joined in and its total (from task_counts, or from
 # entity_name_counts for the entity name and the status, or a COUNT for other filters) in a scalar subquery.
 # fmt: off
@@ -265,9 +265,9 @@ ENDPOINTS = {
     # Links by email (issue 15). The active account with the address, the link's token, its email queued in the
     # outbox (JOBS_AFTER_COMMIT is off in tests: no sender reads it after the commit).
     "forgot_password":        Endpoint(3, "POST", "/api/auth/forgot-password", body=FORGOTTEN),
-    # The link used (by its hash), the account locked, its new password, its other links revoked, its live sessions
-    # locked to be ended (staff04 has none: no blocklist INSERT).
-    "reset_password":         Endpoint(5, "POST", "/api/auth/reset-password", ("uq_one_time_tokens_token_hash",),
+    # The link read (by its hash), the account locked, the link used, its new password, its other links revoked, its
+    # live sessions locked to be ended (staff04 has none: no blocklist INSERT).
+    "reset_password":         Endpoint(6, "POST", "/api/auth/reset-password", ("uq_one_time_tokens_token_hash",),
                                        "reset"),
     # The token check, the address's advisory lock, whether it has an account, its pending invitation revoked (by
     # purpose and address), the new one, its email.
@@ -276,10 +276,6 @@ ENDPOINTS = {
     # The link read (by its hash), then used, its administrator still one, the new account, its session.
     "accept_invitation":      Endpoint(5, "POST", "/api/auth/accept-invitation", ("uq_one_time_tokens_token_hash",),
                                        "accept"),
-    # The account waiting at the address (none: staff06 is verified), its earlier links revoked (by purpose and
-    # address), the new token, its email: the same statements whatever the address.
-    "resend_verification":    Endpoint(4, "POST", "/api/auth/resend-verification",
-                                       ("ix_one_time_tokens_purpose_email",), {"email": "staff06@example.com"}),
 }
 # fmt: on
 
@@ -534,9 +530,13 @@ def metrics(now: datetime, _message: OutboxMessage) -> dict:
 REFUSED = "421 4.3.2 Service not available"
 # fmt: off
 OUTBOX_STEPS = {
-    # The sweep: the oldest due messages' ids (the partial index's rows, in its order), and the abandoned ones parked.
+    # The sweep: the oldest due messages' ids (the partial index's rows, in its order), then the next batch after the
+    # last one's.
     "due":            OutboxStep(1, lambda now, _message: outbox.due(now), ("ix_outbox_messages_due",)),
-    "park_abandoned": OutboxStep(1, lambda now, _message: outbox.park_abandoned(now), ("ix_outbox_messages_due",)),
+    "due_next_batch": OutboxStep(1, lambda now, message: outbox.due(now, after=message),
+                                 ("ix_outbox_messages_due",)),
+    # The few messages being sent, by either index that has them: the due one, or the one by state.
+    "park_abandoned": OutboxStep(1, lambda now, _message: outbox.park_abandoned(now)),
     # A sender: the message claimed by its id, then marked (outbox.finish) when its email went out, or failed for now.
     "claim":          OutboxStep(1, lambda now, message: outbox.claim(message.id, now), ("pk_outbox_messages",)),
     "mark_sent":      OutboxStep(1, lambda now, message: outbox.mark_sent(message, now), ("pk_outbox_messages",),
@@ -555,7 +555,7 @@ def test_outbox_step_sends_its_statements_with_index_plans(app, today, name):
     """Each step in a transaction rolled back, so that every step finds the outbox as seeded."""
     step = OUTBOX_STEPS[name]
     with app.app_context():
-        message_id = outbox.due(today, limit=1)[0]
+        message_id = outbox.due(today, limit=1)[0].id
         message = outbox.claim(message_id, today) if step.claimed else db.session.get(OutboxMessage, message_id)
         with recorded(app) as statements:
             step.call(today, message)

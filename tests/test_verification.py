@@ -3,13 +3,14 @@ it and signs in, once, within 48 hours; asking for a new link reveals nothing an
 as it was. On both databases."""
 
 import re
+import threading
 import uuid
 from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import assert_error
+from helpers import POSTGRES_URL, assert_error, lock_waits
 from models import OneTimeToken, OutboxMessage, User, db
 from routes import auth
 
@@ -224,6 +225,49 @@ def test_asking_for_links_is_limited_per_address_alike_for_any_address(client, m
 
     assert resend(client, "carol@example.com").status_code == 202  # another address
     assert len(mailbox.deliver()) == 6  # the registration's link, and one email for each 202
+
+
+def test_outside_domain_mode_asking_for_a_link_sends_nothing(client, mailbox, user):
+    for email in ("nobody@example.com", user["email"]):
+        response = resend(client, email)
+        assert (response.status_code, response.get_json()) == (202, {"message": auth.RESEND_ANSWER})
+    assert mailbox.deliver() == []
+
+
+@domain_mode
+def test_an_address_outside_the_domains_is_refused_as_registration_refuses_it(client, mailbox):
+    body = assert_error(resend(client, "someone@elsewhere.org"), 403, "email")
+    assert "@example.com" in body["details"]["email"][0]
+    assert mailbox.deliver() == []
+
+
+@domain_mode
+@pytest.mark.own_database  # two requests on two connections, with real commits
+def test_following_a_link_while_asking_for_another_never_deadlocks(app, client, mailbox):
+    """Both lock the account before its links (tokens.consume_for_account). Taken the other way round, the link's use
+    held its token while it waited for the account, which the resend held while it waited to revoke that token: a
+    deadlock, and one of the two a 503."""
+    token = registered_token(client, mailbox)
+    results = {}
+    send = {"resend": resend, "verify": lambda client: verify(client, token)}
+
+    def run(name: str) -> None:
+        results[name] = send[name](app.test_client())
+
+    racers = [threading.Thread(target=run, args=(name,)) for name in send]  # the resend first
+    with app.app_context(), lock_waits() as wait_for:
+        db.session.execute(sa.select(User).where(User.email == "erin@example.com").with_for_update())
+        for count, racer in enumerate(racers, 1):
+            racer.start()
+            wait_for(*racers[:count])
+        db.session.rollback()
+    for racer in racers:
+        racer.join(10)
+
+    assert results["resend"].status_code == 202, results["resend"].get_json()
+    assert results["verify"].status_code in (200, 400), results["verify"].get_json()
+    if POSTGRES_URL:  # the resend had the account first, and replaced the link before it could be used
+        assert results["verify"].get_json()["error"] == auth.INVALID_VERIFICATION
 
 
 @domain_mode
