@@ -531,7 +531,7 @@ def test_the_cron_jobs_command_runs_with_the_environment_render_gives_it(image, 
     )
 
     assert job.returncode == 0, job.stderr.decode()
-    assert "Purged 0 expired blocklist entries and 0 expired login sessions." in job.stdout.decode()
+    assert "Purged 0 expired blocklist entries, 0 expired login sessions, 0 emailed links" in job.stdout.decode()
     assert "Purged 0 expired idempotency keys." in job.stdout.decode()
 
 
