@@ -167,6 +167,8 @@ class Runner:
     request that queued them answers without waiting (started on first use in each process: a thread does not
     survive a fork). Messages not handed over when the process dies are the sweep's."""
 
+    publishes = False  # to a broker, at commit (outbox.published_at_commit)
+
     def __init__(self, app: Flask):
         self.app = app
         self.lock = threading.Lock()
@@ -219,9 +221,9 @@ class CeleryRunner(Runner):
     """Production: each message goes to the Celery workers through the broker. A broker that cannot take it now
     loses nothing: the message waits in the outbox for the sweep."""
 
+    publishes = True  # outbox.add notes each message as handed over as it queues it
+
     def send_all(self, message_ids: list) -> None:
-        outbox.handed_over(message_ids, utcnow())  # first: a worker's claim must find it done, and undo it
-        db.session.commit()
         kept = [message_id for message_id in message_ids if not self.publish(message_id)]
         if kept:  # the sweep's, then
             outbox.handed_over(kept, None)

@@ -8,6 +8,7 @@ clock. Models: ``models.OutboxMessage``."""
 import random
 from datetime import datetime, timedelta
 
+from flask import current_app, has_app_context
 from sqlalchemy import Connection, or_, select, true, tuple_, update
 
 from models import OutboxMessage, db, insert
@@ -32,8 +33,14 @@ QUEUED = "outbox_queued"  # session.info: ids of the messages this transaction q
 
 def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> OutboxMessage | None:
     """Queue a message in the caller's transaction. ``event_key`` names the event that caused it: the same event for
-    the same recipient is queued once, however often it is added (None then)."""
+    the same recipient is queued once, however often it is added (None then).
+
+    When the commit will publish it to the broker, it is noted as handed over now, in this same INSERT, before it is
+    published: the sweep then leaves it to the workers, at no cost to the request, and the publisher clears the note
+    if the broker does not take it (jobs.CeleryRunner)."""
     row = {"kind": kind, "recipient": recipient, "event_key": event_key, "payload": payload}
+    if published_at_commit():
+        row["handed_over_at"] = now
     statement = (
         insert(OutboxMessage)
         .values(**row, state="pending", attempts=0, next_attempt_at=now, created_at=now)
@@ -44,6 +51,13 @@ def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime)
     if message is not None:
         db.session.info.setdefault(QUEUED, []).append(message.id)  # jobs.hand_over_after_commit
     return message
+
+
+def published_at_commit() -> bool:
+    """Whether the commit publishes its messages to the broker: the app's runner does (jobs.CeleryRunner), and
+    JOBS_AFTER_COMMIT is not off."""
+    runner = current_app.extensions.get("jobs") if has_app_context() else None
+    return getattr(runner, "publishes", False) and current_app.config.get("JOBS_AFTER_COMMIT", True)
 
 
 def claim(message_id, now: datetime) -> OutboxMessage | None:
