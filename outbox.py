@@ -6,6 +6,7 @@ Every function works in the caller's transaction and never commits: a claim must
 clock. Models: ``models.OutboxMessage``."""
 
 import random
+import uuid
 from datetime import datetime, timedelta
 
 from flask import current_app, has_app_context
@@ -31,9 +32,10 @@ HAND_OVER_AGAIN_AFTER = timedelta(minutes=15)
 QUEUED = "outbox_queued"  # session.info: ids of the messages this transaction queued, handed to senders at commit
 
 
-def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> OutboxMessage | None:
-    """Queue a message in the caller's transaction. ``event_key`` names the event that caused it: the same event for
-    the same recipient is queued once, however often it is added (None then).
+def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime) -> uuid.UUID | None:
+    """Queue a message in the caller's transaction: its id. ``event_key`` names the event that caused it: the same
+    event for the same recipient is queued once, however often it is added (None then). Only the id comes back: the
+    request that queues it needs nothing more, and pays for nothing more.
 
     When the commit will publish it to the broker, it is noted as handed over now, in this same INSERT, before it is
     published: the sweep then leaves it to the workers, at no cost to the request, and the publisher clears the note
@@ -45,12 +47,12 @@ def add(kind: str, recipient: str, event_key: str, payload: dict, now: datetime)
         insert(OutboxMessage)
         .values(**row, state="pending", attempts=0, next_attempt_at=now, created_at=now)
         .on_conflict_do_nothing(index_elements=["event_key", "recipient"])
-        .returning(OutboxMessage)
+        .returning(OutboxMessage.id)
     )
-    message = db.session.scalars(statement).first()
-    if message is not None:
-        db.session.info.setdefault(QUEUED, []).append(message.id)  # jobs.hand_over_after_commit
-    return message
+    message_id = db.session.scalar(statement)
+    if message_id is not None:
+        db.session.info.setdefault(QUEUED, []).append(message_id)  # jobs.hand_over_after_commit
+    return message_id
 
 
 def published_at_commit() -> bool:

@@ -250,7 +250,8 @@ def test_purge_tokens_removes_only_expired_rows(app, runner, user):
             ("kept", now - month + timedelta(minutes=1)),
             ("failed", None),
         ):
-            message = outbox.add("password_reset", f"{key}@example.com", key, {}, now - 2 * month)
+            queued = outbox.add("password_reset", f"{key}@example.com", key, {}, now - 2 * month)
+            message = db.session.get(OutboxMessage, queued)
             message.state, message.sent_at = ("sent", sent_at) if sent_at else ("failed", None)
         for jti, expires_at in (("old-token", now - timedelta(seconds=1)), ("live-token", now + timedelta(hours=1))):
             db.session.add(RevokedToken(jti=jti, expires_at=expires_at))

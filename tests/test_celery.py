@@ -58,9 +58,7 @@ def worker(app):
 def queue(app, count: int = 1) -> list:
     """Queue ``count`` messages in one transaction and commit: the ids."""
     with app.app_context():
-        ids = [
-            outbox.add("password_reset", f"user{n}@example.com", f"test:{n}", RESET, utcnow()).id for n in range(count)
-        ]
+        ids = [outbox.add("password_reset", f"user{n}@example.com", f"test:{n}", RESET, utcnow()) for n in range(count)]
         db.session.commit()
         return ids
 

@@ -13,7 +13,7 @@ import outbox
 from app import create_app
 from config import Config, ConfigError, check_production_settings
 from helpers import assert_error, call, gunicorn, settings
-from models import db, utcnow
+from models import OutboxMessage, db, utcnow
 
 
 def samples(text_format: str) -> dict[tuple, float]:
@@ -161,10 +161,10 @@ def test_the_outbox_is_reported_from_the_database_at_each_scrape(fresh_database_
     assert page[("finstack_outbox_oldest_unsent_age_seconds", ())] == 0
     assert math.isnan(page[("finstack_outbox_delivery_seconds", (("quantile", "0.5"),))])
 
-    def queued(key: str, minutes_ago: float):
-        return outbox.add(
-            "password_reset", f"{key}@example.com", key, {"link": "x"}, now - timedelta(minutes=minutes_ago)
-        )
+    def queued(key: str, minutes_ago: float) -> OutboxMessage:
+        queued_at = now - timedelta(minutes=minutes_ago)
+        message_id = outbox.add("password_reset", f"{key}@example.com", key, {"link": "x"}, queued_at)
+        return db.session.get(OutboxMessage, message_id)
 
     with app.app_context():
         queued("waiting", 10)

@@ -22,7 +22,8 @@ def due_ids(now: datetime, **options) -> list:
 
 
 def queue(event_key: str = "password-reset:1", recipient: str = "alice@example.com", now: datetime = NOW):
-    return outbox.add("password_reset", recipient, event_key, {"link": "https://tasks.example/reset"}, now)
+    message_id = outbox.add("password_reset", recipient, event_key, {"link": "https://tasks.example/reset"}, now)
+    return message_id and db.session.get(OutboxMessage, message_id)
 
 
 def test_an_event_queues_one_message_per_recipient(app):
