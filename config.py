@@ -6,6 +6,7 @@ import secrets
 import select
 import ssl
 import time
+import zoneinfo
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import cache
@@ -341,6 +342,22 @@ def celery_settings(broker_url: str | None, queue: str) -> dict:
     }
 
 
+@cache
+def time_zones() -> frozenset[str]:
+    """The IANA time zone names zoneinfo knows (from the tzdata package: the same on every machine)."""
+    return frozenset(zoneinfo.available_timezones())
+
+
+def parse_time_zone(value: str) -> str:
+    """DEFAULT_TIME_ZONE: an IANA time zone name, exactly as the database spells it."""
+    if value not in time_zones():
+        raise ConfigError(
+            f"DEFAULT_TIME_ZONE must be an IANA time zone name such as Europe/London or America/New_York, not "
+            f"{value!r}."
+        )
+    return value
+
+
 def parse_frontend_url(value: str | None) -> str | None:
     """FRONTEND_URL: an http(s) URL without query or fragment, kept without its trailing slash."""
     if value is None:
@@ -616,6 +633,8 @@ class Config:
             )
         self.MAIL_DIR = env("MAIL_DIR")  # unset: mail/ in the instance folder, which only the app knows
         self.FIRM_NAME = env("FIRM_NAME", "FinStack")
+        # The time zone of every user who has not chosen one (issue 16: "today" and "this week" are the user's).
+        self.DEFAULT_TIME_ZONE = parse_time_zone(env("DEFAULT_TIME_ZONE", "UTC"))
         # Where the links in emails lead: the Angular app, which takes the token from the link and calls the API.
         self.FRONTEND_URL = parse_frontend_url(env("FRONTEND_URL", None if production else DEFAULT_FRONTEND_URL))
 

@@ -142,6 +142,8 @@ class User(db.Model):
     # When the account proved it owns ``email`` (a link followed); None while it has not. Only self-registration
     # with REGISTRATION=domain waits for it; accounts made any other way count as verified from their creation.
     email_verified_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    # The IANA time zone the user chose (their "today" and "this week"); None: the firm's DEFAULT_TIME_ZONE.
+    chosen_time_zone: Mapped[str | None] = mapped_column("time_zone", String(64))
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password, method=current_app.config["PASSWORD_HASH_METHOD"])
@@ -152,6 +154,11 @@ class User(db.Model):
     def password_needs_rehash(self) -> bool:
         """Was the stored hash made with other parameters than the configured method (weaker ones, say)?"""
         return self.password_hash.partition("$")[0] != current_app.config["PASSWORD_HASH_METHOD"]
+
+    @property
+    def time_zone(self) -> str:
+        """The user's time zone: the one they chose, else the firm's DEFAULT_TIME_ZONE."""
+        return self.chosen_time_zone or current_app.config["DEFAULT_TIME_ZONE"]
 
     def __repr__(self) -> str:
         return f"<User {self.username}>"

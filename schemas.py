@@ -9,7 +9,7 @@ from flask import current_app, has_app_context
 from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
 from marshmallow.validate import Email, Length, OneOf, Range, Regexp
 
-from config import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from config import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem, time_zones
 from models import OUTBOX_STATES, TASK_EVENT_ACTIONS, TASK_STATUSES
 from tokens import MAX_TOKEN_LENGTH
 
@@ -174,6 +174,14 @@ class UserSchema(Schema):
     created_at = Timestamp(dump_only=True, required=True)
     is_admin = fields.Boolean(dump_only=True, required=True)
     phone = fields.String(dump_only=True, required=True, allow_none=True, metadata={"example": "+44 20 7946 0958"})
+    time_zone = fields.String(
+        dump_only=True,
+        required=True,
+        metadata={
+            "description": "IANA time zone name: the one the user chose, else the firm's DEFAULT_TIME_ZONE.",
+            "example": "Europe/London",
+        },
+    )
 
 
 def email_field(**kwargs) -> Lowercase:
@@ -245,6 +253,11 @@ class PasswordChangeSchema(Schema):
             raise ValidationError("Must differ from the current password.", "new_password")
 
 
+def time_zone_name(value: str) -> None:
+    if value not in time_zones():
+        raise ValidationError("Must be an IANA time zone name such as Europe/London or America/New_York.")
+
+
 class ProfileSchema(Schema):
     """What people change about themselves with ``PATCH /api/users/me``."""
 
@@ -256,6 +269,12 @@ class ProfileSchema(Schema):
         }
     )
     phone = Phone(metadata={"example": "+44 20 7946 0958"})
+    time_zone = Text(
+        attribute="chosen_time_zone",
+        allow_none=True,
+        validate=time_zone_name,
+        metadata={"description": "An IANA name; null: the firm's DEFAULT_TIME_ZONE.", "example": "Europe/London"},
+    )
 
 
 class UserQuerySchema(Schema):

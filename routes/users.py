@@ -80,7 +80,8 @@ def get_me():
 
 @bp.patch("/me")
 def update_me():
-    """Change one's own full name or phone (``null`` or "" clears the phone).
+    """Change one's own full name, phone (``null`` or "" clears it) or time zone (an IANA name such as Europe/London;
+    ``null`` goes back to the firm's DEFAULT_TIME_ZONE).
 
     ``email`` is accepted as it is now (a form may send every field back), but a new address is a 400: it is changed
     with ``POST /api/auth/me/email``, which asks for the password and confirms the address by a link sent to it.
@@ -91,7 +92,7 @@ def update_me():
     """
     data = load_json(ProfileSchema())
     if not data:
-        raise APIError("Nothing to update: send full_name or phone.")
+        raise APIError("Nothing to update: send full_name, phone or time_zone.")
     if data.pop("email", current_user.email) != current_user.email:
         raise APIError(
             "To change your email address, use POST /api/auth/me/email with your current password: a link sent to "

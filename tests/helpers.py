@@ -43,7 +43,9 @@ PRODUCTION = {
     "MAIL_BACKEND": "disabled",  # production's email needs a broker, workers and SMTP: test_config.py checks it
 }
 PASSWORD = "correct-horse-battery"
-PUBLIC_USER_FIELDS = {"id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone"}
+PUBLIC_USER_FIELDS = {
+    "id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone", "time_zone",
+}  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 # The server as development runs it: several workers, each building the app at once; and as `make run` does.

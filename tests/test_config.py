@@ -83,6 +83,8 @@ def test_cors_origin_is_a_comma_separated_list():
         ({"FLASK_DEBUG": "off"}, "FLASK_DEBUG must be 1 (debugger on, development only) or 0 (off), not 'off'"),
         ({"FLASK_DEBUG": "0 ", "APP_ENV": "production"}, "FLASK_DEBUG must be 1 (debugger on"),
         ({"REGISTRATION": "invited"}, "REGISTRATION must be open, domain, invite, closed, not 'invited'"),
+        ({"DEFAULT_TIME_ZONE": "CET+1"}, "DEFAULT_TIME_ZONE must be an IANA time zone name such as Europe/London"),
+        ({"DEFAULT_TIME_ZONE": "europe/london"}, "not 'europe/london'"),
         ({"FRONTEND_URL": "tasks.example.com"}, "FRONTEND_URL must be the web app's address"),
         ({"FRONTEND_URL": "https://tasks.example.com/?next=1"}, "FRONTEND_URL must be the web app's address"),
         ({"REGISTRATION": "domain"}, "ALLOWED_EMAIL_DOMAINS must list the accepted email domains"),

@@ -31,7 +31,8 @@ def check_api(output: str) -> None:
     assert output.count('"message":"Registration successful."') == 1
     for expected in (
         "Task updated.", "Task marked closed.", "Status set to open for 1 task(s).", "Task deleted.",
-        "Profile updated.", '"phone":"+44 20 7946 0958"', '"is_active":false', "Logged out.", "Task restored.",
+        "Profile updated.", '"phone":"+44 20 7946 0958"', '"time_zone":"Europe/London"', '"is_active":false',
+        "Logged out.", "Task restored.",
         '"action":"restored"', '"new_value":"Agenda sent"', "The task has changed since you read it",
     ):  # fmt: skip
         assert expected in output.replace(": ", ":"), expected

@@ -56,6 +56,30 @@ def test_patch_me_changes_name_and_phone_and_takes_the_email_back_unchanged(clie
     assert client.get("/api/users/me", headers=auth_headers).get_json()["user"] == body
 
 
+@pytest.mark.app_config(DEFAULT_TIME_ZONE="America/New_York")
+def test_a_user_has_the_firms_time_zone_until_choosing_one(client, user, auth_headers):
+    def time_zone(response) -> str:
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()["user"]["time_zone"]
+
+    assert time_zone(client.get("/api/users/me", headers=auth_headers)) == "America/New_York"
+    assert time_zone(client.patch("/api/users/me", json={"time_zone": "Asia/Tokyo"}, headers=auth_headers)) == (
+        "Asia/Tokyo"
+    )
+    assert time_zone(client.get("/api/auth/me", headers=auth_headers)) == "Asia/Tokyo"
+    listed = client.get("/api/users", headers=auth_headers).get_json()["users"]
+    assert [person["time_zone"] for person in listed] == ["Asia/Tokyo"]
+    assert time_zone(client.patch("/api/users/me", json={"time_zone": None}, headers=auth_headers)) == (
+        "America/New_York"
+    )
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "europe/london", "", "+02:00", 2, "Europe/London\n"])
+def test_a_time_zone_must_be_an_iana_name(client, user, auth_headers, zone):
+    assert_error(client.patch("/api/users/me", json={"time_zone": zone}, headers=auth_headers), 400, "time_zone")
+    assert client.get("/api/users/me", headers=auth_headers).get_json()["user"]["time_zone"] == "UTC"
+
+
 @pytest.mark.parametrize("cleared", [None, ""])
 def test_patch_me_clears_the_phone_with_null_or_empty(client, user, auth_headers, cleared):
     client.patch("/api/users/me", json={"phone": "020 7946 0958"}, headers=auth_headers)
