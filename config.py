@@ -1,12 +1,12 @@
 """Settings, read once from the environment (``.env`` is honoured by ``app.py``, gunicorn and ``flask``)."""
 
+import importlib.resources
 import os
 import re
 import secrets
 import select
 import ssl
 import time
-import zoneinfo
 from collections.abc import Mapping
 from datetime import timedelta
 from functools import cache
@@ -344,8 +344,9 @@ def celery_settings(broker_url: str | None, queue: str) -> dict:
 
 @cache
 def time_zones() -> frozenset[str]:
-    """The IANA time zone names zoneinfo knows (from the tzdata package: the same on every machine)."""
-    return frozenset(zoneinfo.available_timezones())
+    """The IANA time zone names of the pinned tzdata package: the same on every machine (zoneinfo's own list adds
+    what the system has, such as "localtime": whichever zone that server is set to)."""
+    return frozenset(importlib.resources.files("tzdata").joinpath("zones").read_text().split())
 
 
 def parse_time_zone(value: str) -> str:

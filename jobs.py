@@ -28,8 +28,8 @@ import mail
 import outbox
 from models import db, utcnow
 
-# How often the sweep runs (Celery beat, or the embedded runner's thread): the longest a message waits when its
-# hand-over at commit was lost, and the granularity of retries' backoff.
+# How often the sweep runs (Celery beat, or the embedded runner's thread): the longest a message waits when the broker
+# refused it at commit, or after its backoff or a dead sender's lease; and the granularity of retries' backoff.
 SWEEP_INTERVAL = 60.0
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ def send_message(message_id) -> str | None:
     starts, so that no one else sends it meanwhile, and the mark commits after it ends."""
     message = outbox.claim(message_id, utcnow())
     if message is None:
+        # Whatever brought it here is spent: if it is not due yet by this host's clock (one behind the clock that
+        # queued it, say), the sweep hands it over again once it is, instead of after HAND_OVER_AGAIN_AFTER.
+        outbox.handed_over([message_id], None)
         db.session.commit()
         return None
     # Kept out of the session, the message keeps the claim as it was made (its lease above all) through the commit
@@ -165,7 +168,8 @@ def own_connections(**_kwargs) -> None:
 class Runner:
     """Hands the messages a commit queued to whoever sends them, from a thread of this process's own, so that the
     request that queued them answers without waiting (started on first use in each process: a thread does not
-    survive a fork). Messages not handed over when the process dies are the sweep's."""
+    survive a fork). Messages not handed over when the process dies are the sweep's: at once without a broker; with
+    one, after outbox.HAND_OVER_AGAIN_AFTER, as they were noted handed over as they were queued."""
 
     publishes = False  # to a broker, at commit (outbox.published_at_commit)
 
@@ -282,7 +286,10 @@ def init_jobs(app: Flask) -> None:
 
 
 def hand_over_after_commit(session: Session) -> None:
-    """A commit that queued messages hands them to the app's runner."""
+    """A commit that queued messages hands them to the app's runner. (SQLAlchemy also calls this as a savepoint is
+    released: its messages wait for the transaction's own commit, as no sender could see them before.)"""
+    if session.in_nested_transaction():
+        return
     queued = session.info.pop(outbox.QUEUED, None)
     if queued and has_app_context() and current_app.config.get("JOBS_AFTER_COMMIT", True):
         current_app.extensions["jobs"].hand_over(queued)

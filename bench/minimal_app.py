@@ -19,7 +19,7 @@ TASK_COLUMNS = (
     "id", "date_created", "entity_name", "task_type", "task_time", "contact_person_id", "note", "status",
     "created_by_id", "updated_at", "version", "closed_at", "closed_by_id", "deleted_at",
 )  # fmt: skip
-PERSON_COLUMNS = ("id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone")
+PERSON_COLUMNS = ("id", "username", "email", "full_name", "is_active", "created_at", "is_admin", "phone", "time_zone")
 PEOPLE = {"contact_person": "contact_person_id", "created_by": "created_by_id", "closed_by": "closed_by_id"}
 PAGE = (
     "SELECT "

@@ -115,7 +115,7 @@ def test_with_the_broker_down_at_commit_time_the_sweep_sends_the_message(app, sm
 
 @ON_CELERY
 def test_the_sweep_task_hands_every_due_message_to_the_workers(app, smtp, worker):
-    with app.app_context():  # queued while nobody handed them over (their commit's process died, say)
+    with app.app_context():  # queued where nothing publishes at commit (JOBS_AFTER_COMMIT off)
         app.config["JOBS_AFTER_COMMIT"] = False
         ids = queue(app, 2)
     assert states(app, ids) == ["pending", "pending"]

@@ -138,6 +138,32 @@ def test_a_sender_whose_lease_ran_out_leaves_the_next_senders_claim_alone(app, s
     assert (claimed.state, claimed.attempts, claimed.next_attempt_at) == ("sending", 2, START + 2 * outbox.LEASE)
 
 
+def test_a_message_a_sender_finds_not_due_yet_is_the_sweeps_once_it_is(app, server, clock):
+    with app.app_context():
+        message_id = outbox.add("password_reset", "alice@example.com", "event:1", RESET, START)
+        outbox.handed_over([message_id], START)  # published by its commit
+        db.session.commit()
+    clock.now = START - timedelta(seconds=1)  # this worker's clock is a second behind the web server's
+
+    assert send(app, message_id) is None
+    clock.now = START
+    with app.app_context():
+        assert jobs.sweep() == 1  # at once, not HAND_OVER_AGAIN_AFTER later
+    assert len(server.received) == 1
+
+
+def test_a_savepoint_hands_nothing_over_before_its_transaction_commits(app, monkeypatch):
+    app.config["JOBS_AFTER_COMMIT"] = True
+    handed = []
+    monkeypatch.setattr(app.extensions["jobs"], "hand_over", handed.append)  # what the runner is given, when
+    with app.app_context():
+        with db.session.begin_nested():
+            message_id = outbox.add("password_reset", "alice@example.com", "event:1", RESET, START)
+        assert handed == []  # no sender could see it yet
+        db.session.commit()
+    assert handed == [[message_id]]
+
+
 def test_the_sweep_sends_every_due_message_and_no_other(app, server, clock):
     due = [queue(app, f"event:{number}", START - timedelta(minutes=number)) for number in range(3)]
     later = queue(app, "event:later", START + timedelta(minutes=1))
