@@ -292,3 +292,24 @@ def wait_for_lock_waits(count: int, timeout: float = 10) -> None:
             return
         time.sleep(0.01)
     pytest.fail(f"{count} requests never waited for the lock the test holds")
+
+
+def queued_for_a_lock(app, hold: Callable[[], object], requests: dict[str, Callable]) -> dict:
+    """Send ``requests`` (by name: a function of a test client that sends one), each from a thread of its own, while
+    this test holds a lock that ``hold()`` takes in its own transaction: each starts once the ones before it wait for
+    that lock (``lock_waits``), so that they queue in this order; then the lock goes. Their responses, by name."""
+    results = {}
+
+    def run(name: str) -> None:
+        results[name] = requests[name](app.test_client())
+
+    racers = [threading.Thread(target=run, args=(name,)) for name in requests]
+    with app.app_context(), lock_waits() as wait_for:
+        hold()
+        for count, racer in enumerate(racers, 1):
+            racer.start()
+            wait_for(*racers[:count])
+        db.session.rollback()
+    for racer in racers:
+        racer.join(10)
+    return results

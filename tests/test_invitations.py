@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 import tokens
-from helpers import POSTGRES_URL, assert_error, lock_waits, token_for
+from helpers import POSTGRES_URL, assert_error, lock_waits, queued_for_a_lock, token_for
 from models import OneTimeToken, OutboxMessage, User, db
 from routes import invitations
 
@@ -482,22 +482,10 @@ def test_an_accept_and_the_inviters_demotion_at_once_end_one_way_or_the_other(ap
         "demotion": lambda client: client.patch(f"/api/users/{ops['id']}", json={"is_admin": False}, headers=root),
         "acceptance": lambda client: accept(client, token),
     }
-    results = {}
-
-    def run(name: str) -> None:
-        results[name] = send[name](app.test_client())
-
-    order = [first, *(name for name in send if name != first)]
-    racers = [threading.Thread(target=run, args=(name,)) for name in order]
-    with app.app_context(), lock_waits() as wait_for:
-        # Hold the invitation's row (SQLite: the write lock), and let the two requests queue for it in this order.
-        db.session.execute(sa.select(OneTimeToken).where(OneTimeToken.purpose == "invitation").with_for_update())
-        for count, racer in enumerate(racers, 1):
-            racer.start()
-            wait_for(*racers[:count])
-        db.session.rollback()
-    for racer in racers:
-        racer.join(10)
+    order = {name: send[name] for name in (first, *(name for name in send if name != first))}
+    # Hold the invitation's row (SQLite: the write lock), and let the two requests queue for it in this order.
+    invitation_row = sa.select(OneTimeToken).where(OneTimeToken.purpose == "invitation").with_for_update()
+    results = queued_for_a_lock(app, lambda: db.session.execute(invitation_row), order)
 
     assert results["demotion"].status_code == 200, results["demotion"].get_json()
     with app.app_context():

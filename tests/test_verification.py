@@ -3,14 +3,13 @@ it and signs in, once, within 48 hours; asking for a new link reveals nothing an
 as it was. On both databases."""
 
 import re
-import threading
 import uuid
 from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
-from helpers import POSTGRES_URL, assert_error, lock_waits
+from helpers import POSTGRES_URL, assert_error, queued_for_a_lock
 from models import OneTimeToken, OutboxMessage, User, db
 from routes import auth
 
@@ -248,21 +247,10 @@ def test_following_a_link_while_asking_for_another_never_deadlocks(app, client, 
     held its token while it waited for the account, which the resend held while it waited to revoke that token: a
     deadlock, and one of the two a 503."""
     token = registered_token(client, mailbox)
-    results = {}
-    send = {"resend": resend, "verify": lambda client: verify(client, token)}
+    send = {"resend": resend, "verify": lambda client: verify(client, token)}  # the resend first
+    account = sa.select(User).where(User.email == "erin@example.com").with_for_update()
 
-    def run(name: str) -> None:
-        results[name] = send[name](app.test_client())
-
-    racers = [threading.Thread(target=run, args=(name,)) for name in send]  # the resend first
-    with app.app_context(), lock_waits() as wait_for:
-        db.session.execute(sa.select(User).where(User.email == "erin@example.com").with_for_update())
-        for count, racer in enumerate(racers, 1):
-            racer.start()
-            wait_for(*racers[:count])
-        db.session.rollback()
-    for racer in racers:
-        racer.join(10)
+    results = queued_for_a_lock(app, lambda: db.session.execute(account), send)
 
     assert results["resend"].status_code == 202, results["resend"].get_json()
     assert results["verify"].status_code in (200, 400), results["verify"].get_json()
